@@ -1,0 +1,36 @@
+# Two commands: `make demo` and `make test`. Both set up .venv first (once).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MPI_TESTS := tests/test_mpi.py
+
+.PHONY: demo test test-serial test-mpi lint clean
+
+$(STAMP): pyproject.toml scripts/find-python.sh
+	@if [ ! -x $(PY) ]; then \
+		interpreter=$$(bash scripts/find-python.sh) || exit 1; \
+		echo "creating $(VENV) with $$interpreter"; \
+		$$interpreter -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[fenics,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/femeta reproduce table3 --quick --out runs/table3-quick
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory test-serial test-mpi
+
+test-serial: $(STAMP)
+	$(PY) -m pytest -q
+
+test-mpi: $(STAMP)
+	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -m mpi -p no:cacheprovider $(MPI_TESTS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from femeta.cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""The ``femeta`` command line: train, evaluate and reproduce the paper's tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from femeta._fenics import MissingFenicsError
+from femeta.experiments import EXPERIMENTS, get_experiment
+from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
+
+app = typer.Typer(
+    help="Learn per-instance parameters of iterative solvers (gradient-based meta-solving).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+reproduce_app = typer.Typer(help="Reproduce the paper's tables.", no_args_is_help=True)
+app.add_typer(reproduce_app, name="reproduce")
+
+stderr = Console(stderr=True)
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def friendly(command: Callable) -> Callable:
+    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, MissingFenicsError, OSError, tomllib.TOMLDecodeError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def check_problem(problem: str) -> str:
+    if problem not in EXPERIMENTS:
+        raise UsageError(f"unknown problem {problem!r}; expected one of {sorted(EXPERIMENTS)}")
+    return problem
+
+
+def read_config(path: Path | None) -> dict[str, Any]:
+    """Options from a TOML file, keyed by long option name (``batch-size`` or ``batch_size``)."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    with path.open("rb") as stream:
+        data = tomllib.load(stream)
+    known = {f.name for f in fields(TrainOptions)} - {"problem"}
+    options = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown keys {unknown} in {path}; allowed: {sorted(known)}")
+    return options
+
+
+def show_progress() -> bool:
+    return sys.stdout.isatty() and stderr.is_terminal
+
+
+Problem = Annotated[str, typer.Argument(help=f"The task family: one of {sorted(EXPERIMENTS)}.")]
+
+
+@app.command("train")
+@friendly
+def train_command(
+    problem: Problem,
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write the model into.")],
+    loss: Annotated[
+        str | None,
+        typer.Option(help="'surrogate' (L~_eps, eq. 10) or 'm' (L_m). [default: surrogate]"),
+    ] = None,
+    m: Annotated[
+        int | None,
+        typer.Option(
+            "--m",
+            help="Iterations of L_m, or the cap of the surrogate's solve. [default: 25 / 1000]",
+        ),
+    ] = None,
+    tol: Annotated[
+        float | None, typer.Option(help="Training tolerance eps of the surrogate. [default: 1e-6]")
+    ] = None,
+    p: Annotated[
+        float | None, typer.Option(help="Weight of the hard distribution P1. [default: 0]")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs. [default: 2500]")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the data and the weights. [default: 0]")
+    ] = None,
+    gain: Annotated[
+        float | None, typer.Option(help="Sigmoid gain a of the surrogate (log space). [default: 1]")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Tasks per step. [default: 256]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate. [default: 0.01]")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file with any of these options; the command line wins."),
+    ] = None,
+) -> None:
+    """Train a meta-solver and save it to a run directory."""
+    check_problem(problem)
+    given = {
+        "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
+        "gain": gain, "batch_size": batch_size, "lr": lr,
+    }  # fmt: skip
+    values = read_config(config) | {key: value for key, value in given.items() if value is not None}
+    try:
+        options = TrainOptions(problem=problem, **values)
+    except TypeError as err:
+        raise UsageError(f"bad option value in {config}: {err}") from None
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose a new --out directory")
+    progress = Progress(
+        TextColumn("epoch {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("train {task.fields[train]:.4g}  validation {task.fields[validation]:.4g}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not show_progress(),
+    )
+    with progress:
+        bar = progress.add_task("train", total=options.epochs, train=math.nan, validation=math.nan)
+        _, _, result = train_metasolver(
+            options,
+            out,
+            lambda r: progress.update(
+                bar, advance=1, train=r.train_loss, validation=r.validation_loss
+            ),
+        )
+    typer.echo(
+        f"saved {out}: best validation loss {result.best_validation_loss:.6g} "
+        f"at epoch {result.best_epoch}; {result.skipped_steps} steps skipped"
+    )
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_command(
+    problem: Problem,
+    model: Annotated[
+        Path | None, typer.Option(help="Run directory written by `femeta train`.")
+    ] = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="Evaluate Psi_base instead of a model.")
+    ] = False,
+    tol: Annotated[float, typer.Option(help="Test tolerance eps.")] = 1e-6,
+    p: Annotated[
+        float | None,
+        typer.Option(help="Weight of P1 in the test tasks. [default: the model's, else 0]"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
+    max_iterations: Annotated[
+        int | None, typer.Option(help="Iteration cap; unconverged tasks count as the cap.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
+    check_problem(problem)
+    if (model is None) == (not baseline):
+        raise UsageError("give exactly one of --model RUN_DIR or --baseline")
+    if not (tol > 0 and tol < 1):
+        raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
+    if max_iterations is not None and max_iterations < 1:
+        raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
+    if model is not None:
+        experiment, metasolver = load_metasolver(model, problem, p)
+    else:
+        experiment = get_experiment(problem, p=0.0 if p is None else p)
+        metasolver = experiment.metasolver("base")
+    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations)
+    summary = {"problem": problem, "model": str(model) if model else "base", "p": experiment.p}
+    summary |= stats.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"{summary['model']} on {problem} (p = {experiment.p}), tol {tol:g}: "
+        f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
+        f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
+    )
+
+
+@reproduce_app.command("table3")
+@friendly
+def table3_command(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A reduced budget (minutes, not an hour).")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override the epochs of every run.")] = None,
+    jobs: Annotated[int, typer.Option(help="Training runs in parallel (processes).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for results.json and the figures.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON object.")
+    ] = False,
+) -> None:
+    """Table 3 / Figures 1-2: Jacobi initial guesses on 1D Poisson, L_m against L~_eps."""
+    from femeta import reproduce
+
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    budget = reproduce.table3_budget(quick, epochs)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} runs"),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=as_json or not show_progress(),
+    )
+    with progress:
+        bar = progress.add_task("table 3", total=len(reproduce.table3_grid()))
+        results = reproduce.run_table3(budget, seed, jobs, lambda: progress.advance(bar))
+    if out is not None:
+        reproduce.save_table3(results, Path(out))
+    if as_json:
+        typer.echo(json.dumps(results))
+    else:
+        Console().print(reproduce.table3_rich(results))
+        if out is not None:
+            typer.echo(f"wrote {out}/results.json, {out}/figure1.png, {out}/figure2.png")
+
+
+def main() -> None:
+    app()

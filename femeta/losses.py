@@ -1,0 +1,53 @@
+"""Losses on a solve: L_m (paper §2.2.1) and the surrogate of the iteration count (eq. 10).
+
+Each takes a :class:`~femeta.solvers.SolverResult` and returns one value per task;
+the trainer averages them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from femeta.solvers.base import SolverResult
+
+__all__ = ["LOSSES", "error_after_m", "iteration_surrogate"]
+
+
+def error_after_m(result: SolverResult) -> Tensor:
+    """L_m: the squared error measure at the last iterate of a fixed-``m`` solve.
+
+    For the Poisson tasks the measure is the relative error, so this is
+    ``||u^(m) - A^{-1} f||^2 / ||A^{-1} f||^2`` exactly as in §2.2.1.
+    """
+    return result.final_error.square()
+
+
+def iteration_surrogate(result: SolverResult, tol: float, gain: float = 1.0) -> Tensor:
+    """The surrogate ``L~_eps^(m)`` of the number of iterations (equation 10).
+
+    It adds ``sigmoid(gain * (log L_k - log eps))`` for every iteration ``k`` the
+    solve took, i.e. for each ``k < iterations`` (at those, ``L_k > eps``).
+
+    The error ``L_k`` is compared with ``eps`` in log space: errors span many
+    decades (1 down to 1e-8) and the linear ``sigmoid(a (L_k - eps))`` would be
+    flat, with no gradient, for every iterate far from ``eps`` unless ``a`` were
+    tuned per tolerance. In log space ``gain`` means the same for every ``eps``:
+    with ``gain = 1`` an error ``e`` times above ``eps`` contributes 0.73.
+    """
+    if not tol > 0:
+        raise ValueError(f"tolerance must be positive, got {tol!r}")
+    if not gain > 0:
+        raise ValueError(f"gain must be positive, got {gain!r}")
+    history = result.history
+    steps = torch.arange(history.shape[1], device=history.device)
+    counted = steps[None, :] < result.iterations[:, None]
+    # Entries past the stop are zero; keep their log finite so no NaN reaches the gradient.
+    safe = torch.where(counted, history, torch.ones_like(history))
+    indicator = torch.sigmoid(gain * (torch.log(safe) - math.log(tol)))
+    return torch.where(counted, indicator, torch.zeros_like(indicator)).sum(dim=1)
+
+
+LOSSES = {"m": error_after_m, "surrogate": iteration_surrogate}

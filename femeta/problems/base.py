@@ -1,0 +1,40 @@
+"""A finite set of tasks tau, stored as tensors with a common leading axis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["TaskSet"]
+
+
+class TaskSet:
+    """Named tensors describing ``len(self)`` tasks, one row per task.
+
+    ``tasks["f"]`` returns a field; :meth:`subset` selects tasks.
+    """
+
+    def __init__(self, fields: Mapping[str, Tensor]):
+        if not fields:
+            raise ValueError("a TaskSet needs at least one field")
+        rows = {name: value.shape[0] for name, value in fields.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"all fields of a TaskSet need the same number of rows, got {rows}")
+        self.fields = dict(fields)
+        self._size = next(iter(rows.values()))
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.fields[name]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def subset(self, index: Tensor | slice) -> TaskSet:
+        """The tasks at ``index`` (a slice, an index tensor or a boolean mask)."""
+        return TaskSet({name: value[index] for name, value in self.fields.items()})
+
+    def to(self, device: torch.device | str) -> TaskSet:
+        """A copy on ``device``."""
+        return TaskSet({name: value.to(device) for name, value in self.fields.items()})

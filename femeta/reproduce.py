@@ -1,0 +1,193 @@
+"""Reproduce the paper's Table 3 and Figures 1-2 (Jacobi initial guesses on 1D Poisson)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from femeta.runs import write_atomic
+
+__all__ = ["run_table3", "save_table3", "table3_budget", "table3_grid", "table3_rich"]
+
+TEST_TOLERANCES = (1e-2, 1e-4, 1e-6, 1e-8)
+MIXTURES = (0.0, 0.01)
+FULL_EPOCHS, QUICK_EPOCHS = 2500, 150
+
+#: Table 3 of the paper: mean iterations at test eps = 1e-2, 1e-4, 1e-6, 1e-8.
+PAPER_TABLE3: dict[tuple[float, str], tuple[float, ...]] = {
+    (0.0, "base"): (28.17, 92.54, 158.41, 224.28),
+    (0.0, "m=0"): (0.00, 17.52, 168.80, 436.95),
+    (0.0, "m=1"): (0.00, 20.07, 148.26, 403.22),
+    (0.0, "m=5"): (1.00, 13.82, 135.43, 397.97),
+    (0.0, "m=25"): (6.26, 16.31, 37.71, 172.02),
+    (0.0, "m=125"): (23.42, 83.28, 148.73, 214.59),
+    (0.0, "eps=1e-02"): (0.01, 40.31, 223.15, 491.30),
+    (0.0, "eps=1e-04"): (3.93, 9.76, 48.61, 178.15),
+    (0.0, "eps=1e-06"): (6.20, 15.79, 32.00, 83.43),
+    (0.0, "eps=1e-08"): (11.12, 32.05, 57.62, 86.70),
+    (0.01, "base"): (30.15, 96.52, 164.41, 232.30),
+    (0.01, "m=0"): (2.11, 183.28, 451.24, 719.40),
+    (0.01, "m=1"): (1.90, 178.61, 446.51, 714.67),
+    (0.01, "m=5"): (1.18, 34.47, 286.43, 554.55),
+    (0.01, "m=25"): (7.11, 20.22, 121.24, 379.51),
+    (0.01, "m=125"): (20.96, 80.44, 151.39, 353.35),
+    (0.01, "eps=1e-02"): (0.25, 185.93, 453.84, 721.99),
+    (0.01, "eps=1e-04"): (5.34, 13.69, 176.77, 444.71),
+    (0.01, "eps=1e-06"): (7.94, 19.79, 36.11, 166.30),
+    (0.01, "eps=1e-08"): (13.39, 37.44, 66.16, 97.97),
+}
+
+
+def table3_grid() -> list[dict[str, Any]]:
+    """Every row of Table 3, for both mixtures: Psi_base, L_m for five m, L~_eps for four eps."""
+    rows = []
+    for p in MIXTURES:
+        rows.append({"p": p, "label": "base", "loss": None})
+        rows += [{"p": p, "label": f"m={m}", "loss": "m", "m": m} for m in (0, 1, 5, 25, 125)]
+        rows += [
+            {"p": p, "label": f"eps={tol:.0e}", "loss": "surrogate", "tol": tol}
+            for tol in TEST_TOLERANCES
+        ]
+    return rows
+
+
+def table3_budget(quick: bool, epochs: int | None) -> int:
+    """Epochs per training run: the paper's 2500, the quick budget, or an override."""
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        return epochs
+    return QUICK_EPOCHS if quick else FULL_EPOCHS
+
+
+def _run_row(row: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
+    """Train (unless Psi_base) and evaluate one row; runs in a worker process."""
+    import time
+
+    import torch
+
+    from femeta.experiments import get_experiment
+    from femeta.workflow import TrainOptions, evaluate_metasolver, train_metasolver
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if row["loss"] is None:
+        experiment = get_experiment("poisson1d", p=row["p"])
+        metasolver = experiment.metasolver("base")
+    else:
+        options = TrainOptions(
+            loss=row["loss"], m=row.get("m"), tol=row.get("tol", 1e-6), p=row["p"],
+            epochs=epochs, seed=seed,
+        )  # fmt: skip
+        experiment, metasolver, _ = train_metasolver(options)
+    stats = [evaluate_metasolver(experiment, metasolver, tol, seed) for tol in TEST_TOLERANCES]
+    return row | {
+        "mean": [s.mean_iterations for s in stats],
+        "std": [s.std_iterations for s in stats],
+        "convergence_ratio": [s.convergence_ratio for s in stats],
+        "iterations_at_1e-6": stats[2].iterations.tolist(),
+        "paper": list(PAPER_TABLE3[(row["p"], row["label"])]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_table3(
+    epochs: int, seed: int = 0, jobs: int = 2, advance: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Train and evaluate the whole grid, ``jobs`` runs at a time."""
+    grid = table3_grid()
+    # Longest runs first (surrogate with the smallest eps) so the pool stays busy.
+    order = sorted(
+        range(len(grid)), key=lambda i: (grid[i]["loss"] != "surrogate", grid[i].get("tol", 0.0))
+    )
+    context = multiprocessing.get_context("spawn")
+    rows: list[dict[str, Any] | None] = [None] * len(grid)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_run_row, grid[i], epochs, seed): i for i in order}
+        for future in concurrent.futures.as_completed(futures):
+            rows[futures[future]] = future.result()
+            if advance is not None:
+                advance()
+    return {"epochs": epochs, "seed": seed, "test_tolerances": list(TEST_TOLERANCES), "rows": rows}
+
+
+def table3_rich(results: dict[str, Any]) -> Table:
+    """The measured table beside the paper's numbers."""
+    table = Table(
+        title=f"Table 3: mean Jacobi iterations on test tasks ({results['epochs']} epochs)"
+    )
+    table.add_column("p")
+    table.add_column("Psi / training")
+    for tol in results["test_tolerances"]:
+        table.add_column(f"eps={tol:.0e}\nours (paper)", justify="right")
+    for row in results["rows"]:
+        cells = [
+            f"{ours:.2f} ({paper:.2f})"
+            for ours, paper in zip(row["mean"], row["paper"], strict=True)
+        ]
+        table.add_row(str(row["p"]), row["label"], *cells)
+    return table
+
+
+def save_table3(results: dict[str, Any], out: Path) -> None:
+    """Write ``results.json``, ``figure1.png`` (Figure 1) and ``figure2.png`` (Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    rows = results["rows"]
+    column = results["test_tolerances"].index(1e-6)
+
+    figure, axes = plt.subplots(figsize=(9, 4))
+    labels = [row["label"] for row in rows if row["p"] == MIXTURES[0] and row["loss"]]
+    for offset, p in zip((-0.2, 0.2), MIXTURES, strict=True):
+        trained = [row for row in rows if row["p"] == p and row["loss"]]
+        base = next(row for row in rows if row["p"] == p and not row["loss"])
+        position = np.arange(len(trained)) + offset
+        bars = axes.bar(
+            position,
+            [row["mean"][column] for row in trained],
+            0.4,
+            yerr=[row["std"][column] for row in trained],
+            label=f"p = {p}",
+            capsize=2,
+        )
+        axes.axhline(base["mean"][column], linestyle=":", color=bars.patches[0].get_facecolor())
+    axes.set_xticks(np.arange(len(labels)), labels)
+    axes.set_ylabel("iterations to eps = 1e-6")
+    axes.set_title("Psi_nn trained with L_m (m) and with the surrogate (eps); dotted: Psi_base")
+    axes.legend()
+    figure.tight_layout()
+    _save_figure(figure, out / "figure1.png")
+
+    figure, grid = plt.subplots(2, 3, figsize=(11, 6), sharex=True)
+    for axes_row, p in zip(grid, MIXTURES, strict=True):
+        for axes, label in zip(axes_row, ("base", "m=25", "eps=1e-06"), strict=True):
+            row = next(r for r in rows if r["p"] == p and r["label"] == label)
+            axes.hist(row["iterations_at_1e-6"], bins=40)
+            axes.set_title(f"p = {p}, {label}: mean {row['mean'][column]:.1f}")
+    for axes in grid[-1]:
+        axes.set_xlabel("iterations to eps = 1e-6")
+    figure.tight_layout()
+    _save_figure(figure, out / "figure2.png")
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,168 @@
+"""Algorithm 1 (GBMS): fit a meta-solver's weights omega by gradient descent on a solve loss.
+
+The trainer knows nothing of problems or solvers. It receives an *objective*,
+``objective(metasolver, tasks) -> per-task loss``, that composes Psi, Phi and L.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from femeta.problems.base import TaskSet
+
+__all__ = ["EpochRecord", "Objective", "TrainConfig", "TrainResult", "train"]
+
+Objective = Callable[[nn.Module, TaskSet], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule of Algorithm 1.
+
+    ``schedule="plateau"`` divides the learning rate by ``1 / factor`` after
+    ``patience`` epochs without a new best validation loss (Appendix C.1);
+    ``schedule="steps"`` does so at each epoch in ``milestones`` (C.2, C.3).
+    """
+
+    epochs: int = 2500
+    batch_size: int = 256
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.999, 0.999)
+    schedule: Literal["plateau", "steps"] = "plateau"
+    factor: float = 0.2
+    patience: int = 100
+    milestones: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must lie in (0, 1), got {self.factor!r}")
+        if self.schedule not in ("plateau", "steps"):
+            raise ValueError(f"schedule must be 'plateau' or 'steps', got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What one epoch did."""
+
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    lr: float
+    skipped_steps: int
+
+
+@dataclass
+class TrainResult:
+    """The best weights on the validation set, and the history of every epoch."""
+
+    best_state: dict[str, Tensor]
+    best_epoch: int
+    best_validation_loss: float
+    history: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps skipped because the loss or a gradient was not finite."""
+        return sum(record.skipped_steps for record in self.history)
+
+    def history_dicts(self) -> list[dict]:
+        return [asdict(record) for record in self.history]
+
+
+def train(
+    metasolver: nn.Module,
+    objective: Objective,
+    train_tasks: TaskSet,
+    validation_tasks: TaskSet,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Minimise the mean of ``objective`` over ``train_tasks`` with Adam.
+
+    A step whose loss or gradient is NaN or infinite is skipped (and counted),
+    so one broken solve cannot poison the weights. The weights with the lowest
+    validation loss are kept in the result; ``metasolver`` is left holding them.
+    """
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(metasolver.parameters(), lr=config.lr, betas=config.betas)
+    if config.schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.factor, patience=config.patience
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(config.milestones), gamma=config.factor
+        )
+    best = TrainResult(copy.deepcopy(metasolver.state_dict()), 0, math.inf)
+    for epoch in range(1, config.epochs + 1):
+        metasolver.train()
+        order = torch.randperm(len(train_tasks), generator=shuffle)
+        total, count, skipped = 0.0, 0, 0
+        for start in range(0, len(train_tasks), config.batch_size):
+            batch = train_tasks.subset(order[start : start + config.batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective(metasolver, batch).mean()
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            loss.backward()
+            if not all(
+                torch.isfinite(p.grad).all() for p in metasolver.parameters() if p.grad is not None
+            ):
+                skipped += 1
+                continue
+            optimizer.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        validation_loss = evaluate_objective(
+            metasolver, objective, validation_tasks, config.batch_size
+        )
+        if config.schedule == "plateau":
+            scheduler.step(validation_loss)
+        else:
+            scheduler.step()
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=total / count if count else math.nan,
+            validation_loss=validation_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            skipped_steps=skipped,
+        )
+        best.history.append(record)
+        if validation_loss < best.best_validation_loss:
+            best.best_state = copy.deepcopy(metasolver.state_dict())
+            best.best_epoch, best.best_validation_loss = epoch, validation_loss
+        if on_epoch is not None:
+            on_epoch(record)
+    metasolver.load_state_dict(best.best_state)
+    metasolver.eval()
+    return best
+
+
+@torch.no_grad()
+def evaluate_objective(
+    metasolver: nn.Module, objective: Objective, tasks: TaskSet, batch_size: int
+) -> float:
+    """Mean of ``objective`` over ``tasks``, without gradients (NaN counts as infinite)."""
+    metasolver.eval()
+    total = 0.0
+    for start in range(0, len(tasks), batch_size):
+        batch = tasks.subset(slice(start, start + batch_size))
+        total += objective(metasolver, batch).sum().item()
+    mean = total / len(tasks)
+    return mean if math.isfinite(mean) else math.inf

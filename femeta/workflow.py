@@ -1,0 +1,129 @@
+"""Train, save, load and evaluate meta-solvers: what the CLI and scripts call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from femeta.evaluation import IterationStats
+from femeta.experiments import get_experiment
+from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
+from femeta.training import EpochRecord, TrainConfig, TrainResult, train
+
+__all__ = ["TrainOptions", "evaluate_metasolver", "load_metasolver", "train_metasolver"]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that defines a training run; saved with the model.
+
+    ``m`` is the fixed iteration count of L_m, or the cap of Phi_{eps,m} for the
+    surrogate; ``None`` picks the experiment's default (25 for L_m, its
+    ``surrogate_cap`` for the surrogate).
+    """
+
+    problem: str = "poisson1d"
+    loss: str = "surrogate"
+    m: int | None = None
+    tol: float = 1e-6
+    p: float = 0.0
+    epochs: int = 2500
+    seed: int = 0
+    gain: float = 1.0
+    batch_size: int = 256
+    lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("m", "surrogate"):
+            raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
+        if not (self.tol > 0 and self.tol < 1):
+            raise ValueError(f"tolerance must lie in (0, 1), got {self.tol!r}")
+        if self.m is not None and (self.m < 0 or (self.loss == "surrogate" and self.m < 1)):
+            raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
+        if not self.gain > 0:
+            raise ValueError(f"gain must be positive, got {self.gain!r}")
+
+    def iterations(self, default_cap: int) -> int:
+        if self.m is not None:
+            return self.m
+        return 25 if self.loss == "m" else default_cap
+
+
+def train_metasolver(
+    options: TrainOptions,
+    out: Path | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> tuple[Any, nn.Module, TrainResult]:
+    """Train Psi_nn for ``options``; save it to ``out`` when given.
+
+    Returns the experiment, the trained meta-solver (best on validation) and
+    the training result.
+    """
+    experiment = get_experiment(options.problem, p=options.p)
+    train_tasks = experiment.tasks("train", options.seed)
+    validation_tasks = experiment.tasks("validation", options.seed)
+    m = options.iterations(experiment.surrogate_cap)
+    tol = options.tol if options.loss == "surrogate" else None
+    objective = experiment.objective(options.loss, m, tol, options.gain)
+    config = TrainConfig(
+        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed
+    )
+    torch.manual_seed(options.seed)
+    metasolver = experiment.metasolver("nn")
+    result = train(metasolver, objective, train_tasks, validation_tasks, config, on_epoch)
+    if out is not None:
+        save_run(
+            Path(out),
+            result.best_state,
+            {
+                "problem": experiment.name,
+                "problem_params": experiment.params(),
+                "solver": experiment.solver_name,
+                "predicts": experiment.predicts,
+                "metasolver": "nn",
+                "options": asdict(options),
+                "train_config": asdict(config),
+                "training_data_sha256": tasks_digest(*train_tasks.fields.values()),
+                "best_epoch": result.best_epoch,
+                "best_validation_loss": result.best_validation_loss,
+                "skipped_steps": result.skipped_steps,
+            },
+            result.history_dicts(),
+        )
+    return experiment, metasolver, result
+
+
+def load_metasolver(run_dir: Path, problem: str, p: float | None = None) -> tuple[Any, nn.Module]:
+    """Load a trained meta-solver; ``p`` overrides the task distribution it is used on."""
+    config, state = load_run(Path(run_dir), problem)
+    params = dict(config.get("problem_params", {}))
+    if p is not None:
+        params["p"] = p
+    try:
+        experiment = get_experiment(problem, **params)
+        metasolver = experiment.metasolver(config.get("metasolver", "nn"))
+    except (TypeError, ValueError) as err:
+        raise RunError(f"{run_dir}/config.json does not describe a usable model ({err})") from err
+    restore(metasolver, state, Path(run_dir))
+    metasolver.eval()
+    return experiment, metasolver
+
+
+@torch.no_grad()
+def evaluate_metasolver(
+    experiment: Any,
+    metasolver: nn.Module,
+    tol: float,
+    seed: int = 0,
+    max_iterations: int | None = None,
+) -> IterationStats:
+    """L_eps on the test split: iterations of Phi_eps from Psi's parameters, per task."""
+    cap = experiment.evaluation_cap if max_iterations is None else max_iterations
+    tasks = experiment.tasks("test", seed)
+    result = experiment.solve(metasolver, tasks, tol, cap)
+    return IterationStats.from_result(result, tol, cap)

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from femeta.problems.base import TaskSet
+from femeta.training import TrainConfig, train
+
+
+def regression_tasks(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 3, generator=generator, dtype=torch.float64)
+    return TaskSet({"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)})
+
+
+def squared_error(model, tasks):
+    return (model(tasks["x"]).squeeze(1) - tasks["y"]) ** 2
+
+
+def linear_model():
+    torch.manual_seed(0)
+    return nn.Linear(3, 1, dtype=torch.float64)
+
+
+def test_training_reduces_the_loss_and_keeps_the_best_weights():
+    model = linear_model()
+    config = TrainConfig(epochs=60, batch_size=32, lr=0.05, betas=(0.9, 0.999))
+    result = train(model, squared_error, regression_tasks(256, 0), regression_tasks(64, 1), config)
+    losses = [record.validation_loss for record in result.history]
+    assert losses[-1] < 0.01 * losses[0]
+    assert result.best_validation_loss == min(losses)
+    assert result.history[result.best_epoch - 1].validation_loss == result.best_validation_loss
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, result.best_state[name])
+
+
+def test_step_schedule_divides_the_learning_rate():
+    config = TrainConfig(epochs=5, batch_size=64, lr=1e-2, schedule="steps", milestones=(2, 4))
+    result = train(
+        linear_model(), squared_error, regression_tasks(64, 0), regression_tasks(8, 1), config
+    )
+    assert [round(r.lr, 8) for r in result.history] == [1e-2, 2e-3, 2e-3, 4e-4, 4e-4]
+
+
+def test_plateau_schedule_waits_for_patience():
+    def constant(model, tasks):
+        return model(tasks["x"]).squeeze(1) * 0 + 1.0
+
+    config = TrainConfig(epochs=6, batch_size=64, lr=1e-2, patience=2)
+    result = train(
+        linear_model(), constant, regression_tasks(64, 0), regression_tasks(8, 1), config
+    )
+    assert [round(r.lr, 8) for r in result.history] == [1e-2, 1e-2, 1e-2, 2e-3, 2e-3, 2e-3]
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    model = linear_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(model, tasks):
+        return squared_error(model, tasks) * math.nan
+
+    config = TrainConfig(epochs=2, batch_size=16)
+    result = train(model, broken, regression_tasks(64, 0), regression_tasks(8, 1), config)
+    assert result.skipped_steps == 8
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+
+
+def test_same_seed_gives_the_same_weights():
+    config = TrainConfig(epochs=3, batch_size=16, seed=4)
+    first, second = linear_model(), linear_model()
+    train(first, squared_error, regression_tasks(64, 0), regression_tasks(8, 1), config)
+    train(second, squared_error, regression_tasks(64, 0), regression_tasks(8, 1), config)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"factor": 1.5}, {"schedule": "cosine"}],
+)
+def test_bad_configuration_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        TrainConfig(**kwargs)
