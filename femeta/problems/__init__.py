@@ -1,0 +1,6 @@
+"""Task spaces (T, P): one module per PDE/ODE family. Problems know nothing of solvers."""
+
+from femeta.problems.base import TaskSet
+from femeta.problems.poisson1d import Poisson1D
+
+__all__ = ["Poisson1D", "TaskSet"]
