@@ -1,6 +1,7 @@
 """Task spaces (T, P): one module per PDE/ODE family. Problems know nothing of solvers."""
 
 from femeta.problems.base import TaskSet
+from femeta.problems.elasticity import ElasticBeam
 from femeta.problems.poisson1d import Poisson1D
 
-__all__ = ["Poisson1D", "TaskSet"]
+__all__ = ["ElasticBeam", "Poisson1D", "TaskSet"]

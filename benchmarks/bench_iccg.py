@@ -1,0 +1,131 @@
+"""Throughput of the batched torch ICCG(alpha) against a loop of PETSc KSP solves.
+
+Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
+
+    .venv/bin/python benchmarks/bench_iccg.py --tasks 128 --repeats 3
+
+Every variant solves the same clamped-beam tasks with the same shift, tolerance
+and cap; the table shows the median wall time of the repetitions and the solved
+tasks per second. ``petsc_iccg`` is the reference loop of :mod:`femeta.solvers.iccg`
+(it converts each dense matrix to CSR and records the residual history through a
+Python monitor); "PETSc bare" solves on matrices built beforehand, without a
+monitor, and is the fairer measure of PETSc itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from femeta._fenics import import_dolfinx
+from femeta.problems.elasticity import ElasticBeam
+from femeta.solvers.iccg import iccg, petsc_iccg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=128, help="number of tasks (one batch)")
+    parser.add_argument("--alpha", type=float, default=0.036, help="relative shift (Psi_base)")
+    parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--max-iterations", type=int, default=243)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tasks = ElasticBeam().sample(args.tasks, seed=args.seed)
+    A, b = tasks["A"], tasks["b"]
+    alpha = torch.full((args.tasks,), args.alpha, dtype=torch.float64)
+    stop = {"tol": args.tol, "max_iterations": args.max_iterations}
+
+    def torch_forward():
+        return iccg(A, b, alpha, **stop)
+
+    def torch_gradient():
+        shift = alpha.clone().requires_grad_()
+        result = iccg(A, b, shift, **stop)
+        result.history.sum().backward()
+        return result
+
+    bare = _bare_petsc(A, args.alpha, args.tol, args.max_iterations)
+    variants: dict[str, Callable[[], object]] = {
+        "torch iccg": torch_forward,
+        "torch iccg + d/dalpha": torch_gradient,
+        "petsc_iccg (reference)": lambda: petsc_iccg(A, b, args.alpha, **stop),
+        "PETSc bare KSP loop": lambda: bare(b),
+    }
+    print(
+        f"{args.tasks} beam tasks, alpha = {args.alpha}, tol = {args.tol}, "
+        f"m = {args.max_iterations}, torch threads = {args.threads}, "
+        f"median of {args.repeats}"
+    )
+    reference = torch_forward()
+    petsc = petsc_iccg(A, b, args.alpha, **stop)
+    print(
+        f"mean iterations: torch {reference.iterations.double().mean():.2f}, "
+        f"PETSc {petsc.iterations.double().mean():.2f}; converged: "
+        f"{int(reference.converged.sum())} / {int(petsc.converged.sum())}; ICF failures: "
+        f"{int(reference.factorization_failed.sum())} / {int(petsc.factorization_failed.sum())}"
+    )
+    print(f"{'variant':<26}{'seconds':>10}{'tasks/s':>10}")
+    for name, run in variants.items():
+        seconds = statistics.median(_time(run) for _ in range(args.repeats))
+        print(f"{name:<26}{seconds:>10.3f}{args.tasks / seconds:>10.1f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak resident memory of the process: {peak:.2f} GiB")
+
+
+def _time(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _bare_petsc(A: torch.Tensor, alpha: float, tol: float, max_iterations: int):
+    """A KSP loop like ``petsc_iccg``'s, on PETSc matrices built before timing starts."""
+    import_dolfinx()
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    def aij(matrix):
+        csr = scipy.sparse.csr_matrix(matrix)
+        indices = (csr.indptr.astype(PETSc.IntType), csr.indices.astype(PETSc.IntType))
+        return PETSc.Mat().createAIJ(csr.shape, csr=(*indices, csr.data), comm=MPI.COMM_SELF)
+
+    operators = []
+    for matrix in A.numpy():
+        shifted = matrix + alpha * np.diag(np.diag(matrix))
+        operators.append((aij(matrix), aij(shifted)))
+
+    def solve(b: torch.Tensor) -> None:
+        for task, (matrix, shifted) in enumerate(operators):
+            ksp = PETSc.KSP().create(MPI.COMM_SELF)
+            ksp.setOptionsPrefix(f"bench_iccg_{task}_")
+            ksp.setOperators(matrix, shifted)
+            ksp.setType(PETSc.KSP.Type.CG)
+            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            ksp.setTolerances(rtol=tol, atol=0.0, max_it=max_iterations)
+            pc = ksp.getPC()
+            pc.setType(PETSc.PC.Type.ICC)
+            pc.setFactorLevels(0)
+            pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
+            pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
+            x, rhs = matrix.createVecs()
+            rhs.setArray(b[task].numpy())
+            ksp.solve(rhs, x)
+            for item in (ksp, x, rhs):
+                item.destroy()
+
+    return solve
+
+
+if __name__ == "__main__":
+    main()

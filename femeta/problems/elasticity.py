@@ -1,0 +1,315 @@
+"""Clamped elastic beam under its own weight (paper §4.2, equations (15)-(17), Appendix C.3).
+
+``-div sigma(u) = f`` on the box ``[0, L] x [0, W] x [0, W]`` with ``L = 1``,
+``sigma(u) = lambda tr(eps(u)) I + 2 mu eps(u)``, ``eps(u) = sym(grad u)``, clamped
+(``u = 0``) at ``x = 0`` and traction-free elsewhere. The body force is gravity,
+``f = (0, 0, -rho g)``; the paper leaves ``g`` open, and as in the FEniCS beam
+tutorial we take ``g = 0.4 (W / L)^2``, which keeps the deflection small for every
+width.
+
+A task is ``tau = (W, lambda, mu, rho)`` with ``W ~ LogUniform(0.003, 0.3)`` and
+``lambda, mu, rho ~ LogUniform(0.1, 10)``. P1 vector Lagrange elements on a
+hexahedral box mesh of 8 x 2 x 2 cells give ``N = 243`` unknowns. Dirichlet rows
+are kept as identity rows with zeroed columns (as legacy FEniCS
+``assemble_system`` gives), so ``A`` stays symmetric positive definite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from femeta._fenics import import_dolfinx
+from femeta.problems.base import TaskSet
+
+__all__ = ["ElasticBeam", "default_cache_dir"]
+
+SPLIT_SIZES = {"train": 1000, "validation": 1000, "test": 1000}
+PARAM_NAMES = ("W", "lambda", "mu", "rho")
+FEATURE_NAMES = (*PARAM_NAMES, "norm_1", "norm_inf", "norm_fro")
+_CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/femeta``, or ``~/.cache/femeta`` when that is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "femeta"
+
+
+class ElasticBeam:
+    """The task space of clamped beams, assembled with DOLFINx.
+
+    The forms are compiled once, on the first assembly; the material parameters
+    are ``fem.Constant``s and the width is applied by rescaling the mesh
+    geometry in place, so no task triggers a recompilation. DOLFINx is needed
+    only to assemble: a dataset already in the cache loads without it.
+
+    Args:
+        cells: Hexahedra along the length and the two sides of the cross-section.
+        width_range: Bounds of the log-uniform distribution of ``W``.
+        material_range: Bounds of the log-uniform distributions of ``lambda``,
+            ``mu`` and ``rho``.
+        cache_dir: Where generated datasets are kept; :func:`default_cache_dir`
+            when omitted.
+        cache: Whether to keep and reuse generated datasets on disk.
+    """
+
+    name = "elasticity"
+    length = 1.0
+    param_names = PARAM_NAMES
+    feature_names = FEATURE_NAMES
+
+    def __init__(
+        self,
+        cells: tuple[int, int, int] = (8, 2, 2),
+        width_range: tuple[float, float] = (0.003, 0.3),
+        material_range: tuple[float, float] = (0.1, 10.0),
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache: bool = True,
+    ):
+        if len(cells) != 3 or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cells
+        ):
+            raise ValueError(f"cells must be three positive integers, got {cells!r}")
+        for label, (low, high) in (
+            ("width_range", width_range),
+            ("material_range", material_range),
+        ):
+            if not (0 < low <= high < math.inf):
+                raise ValueError(f"{label} must satisfy 0 < low <= high < inf, got {(low, high)}")
+        self.cells = tuple(cells)
+        self.width_range = (float(width_range[0]), float(width_range[1]))
+        self.material_range = (float(material_range[0]), float(material_range[1]))
+        if not cache:
+            self.cache_dir = None
+        else:
+            self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        self.n = 3 * math.prod(c + 1 for c in self.cells)
+        self._assembler: _BeamAssembler | None = None
+
+    def assemble(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Assemble the systems of the tasks ``params``, rows ``(W, lambda, mu, rho)``.
+
+        Returns:
+            ``A`` of shape ``(B, N, N)`` and ``b`` of shape ``(B, N)``, float64.
+        """
+        params = _check_params(params)
+        if self._assembler is None:
+            self._assembler = _BeamAssembler(self.cells, self.length)
+        return self._assembler(params)
+
+    def dof_layout(self, width: float) -> tuple[Tensor, Tensor]:
+        """Where the unknowns live for a beam of this ``width``.
+
+        Returns:
+            The coordinates of each unknown's vertex, ``(N, 3)``, and which
+            displacement component (0, 1, 2 for x, y, z) it is, ``(N,)``.
+        """
+        _check_params(torch.tensor([[width, 1.0, 1.0, 1.0]]))
+        if self._assembler is None:
+            self._assembler = _BeamAssembler(self.cells, self.length)
+        return self._assembler.dof_layout(width)
+
+    def sample(self, count: int, seed: int) -> TaskSet:
+        """Draw and assemble ``count`` tasks, deterministically from ``seed``.
+
+        Fields: ``A`` ``(count, N, N)``, ``b`` ``(count, N)``, ``params``
+        ``(count, 4)`` in the order of :attr:`param_names`, and ``features``
+        ``(count, 7)`` in the order of :attr:`feature_names` (the parameters and
+        the 1-, infinity- and Frobenius norms of ``A``, not normalised).
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        path = self._cache_path(count, seed)
+        if path is not None and path.exists():
+            return self._load(path)
+        params = self.draw(count, seed)
+        A, b = self.assemble(params)
+        tasks = TaskSet({"A": A, "b": b, "params": params, "features": _features(params, A)})
+        if path is not None:
+            self._store(path, tasks)
+        return tasks
+
+    def draw(self, count: int, seed: int) -> Tensor:
+        """The parameters ``(count, 4)`` that :meth:`sample` assembles, without assembling."""
+        generator = torch.Generator().manual_seed(int(seed))
+        uniform = torch.rand(count, 4, generator=generator, dtype=torch.float64)
+        low = torch.tensor([self.width_range[0], *[self.material_range[0]] * 3]).log()
+        high = torch.tensor([self.width_range[1], *[self.material_range[1]] * 3]).log()
+        return (low + uniform * (high - low)).exp()
+
+    def split(self, name: str, seed: int) -> TaskSet:
+        """The ``train``, ``validation`` or ``test`` split (1000 tasks each, Appendix C.3)."""
+        if name not in SPLIT_SIZES:
+            raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_SIZES)}")
+        offset = list(SPLIT_SIZES).index(name)
+        child = np.random.SeedSequence([int(seed), offset]).generate_state(1)[0]
+        return self.sample(SPLIT_SIZES[name], int(child))
+
+    def _cache_path(self, count: int, seed: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = {
+            "problem": self.name,
+            "format": _CACHE_FORMAT,
+            "cells": self.cells,
+            "length": self.length,
+            "width_range": self.width_range,
+            "material_range": self.material_range,
+            "count": count,
+            "seed": int(seed),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.cache_dir / f"{self.name}-{digest}.safetensors"
+
+    def _store(self, path: Path, tasks: TaskSet) -> None:
+        from safetensors.torch import save_file
+
+        # The matrices are stored on their nonzero pattern: a dense split would take ~0.5 GB.
+        A = tasks["A"]
+        rows, cols = torch.nonzero(A.ne(0).any(dim=0), as_tuple=True)
+        fields = {
+            "rows": rows,
+            "cols": cols,
+            "values": A[:, rows, cols].contiguous(),
+            "b": tasks["b"],
+            "params": tasks["params"],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(fields, temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def _load(self, path: Path) -> TaskSet:
+        from safetensors.torch import load_file
+
+        fields = load_file(path)
+        count = fields["params"].shape[0]
+        A = torch.zeros(count, self.n, self.n, dtype=torch.float64)
+        A[:, fields["rows"], fields["cols"]] = fields["values"]
+        params = fields["params"]
+        return TaskSet(
+            {"A": A, "b": fields["b"], "params": params, "features": _features(params, A)}
+        )
+
+
+def _check_params(params: Tensor) -> Tensor:
+    if not isinstance(params, Tensor):
+        raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")
+    if params.dim() != 2 or params.shape[1] != 4:
+        raise ValueError(
+            f"params must have shape (batch, 4) with columns {PARAM_NAMES}, "
+            f"got {tuple(params.shape)}"
+        )
+    params = params.detach().to(dtype=torch.float64, device="cpu")
+    bad = ~(torch.isfinite(params) & (params > 0))
+    if bool(bad.any()):
+        task, column = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"task {task} has {PARAM_NAMES[column]} = {float(params[task, column])!r}; "
+            f"W, lambda, mu and rho must be positive finite numbers"
+        )
+    return params
+
+
+def _features(params: Tensor, A: Tensor) -> Tensor:
+    norm_1 = torch.linalg.matrix_norm(A, ord=1)
+    norm_inf = torch.linalg.matrix_norm(A, ord=math.inf)
+    norm_fro = torch.linalg.matrix_norm(A, ord="fro")
+    return torch.cat([params, torch.stack([norm_1, norm_inf, norm_fro], dim=1)], dim=1)
+
+
+class _BeamAssembler:
+    """Compiled forms on a reference mesh ``[0, L] x [0, 1] x [0, 1]``, serial."""
+
+    def __init__(self, cells: tuple[int, int, int], length: float):
+        dolfinx = import_dolfinx()
+        import ufl
+        from dolfinx import fem, la, mesh
+        from mpi4py import MPI
+
+        self.fem = fem
+        self.mesh = mesh.create_box(
+            MPI.COMM_SELF,
+            [np.zeros(3), np.array([length, 1.0, 1.0])],
+            list(cells),
+            cell_type=mesh.CellType.hexahedron,
+        )
+        self.reference = self.mesh.geometry.x.copy()
+        space = fem.functionspace(self.mesh, ("Lagrange", 1, (3,)))
+        self.constants = {
+            name: fem.Constant(self.mesh, dolfinx.default_scalar_type(1.0))
+            for name in ("lambda", "mu", "rho", "g")
+        }
+        lam, mu = self.constants["lambda"], self.constants["mu"]
+        rho, g = self.constants["rho"], self.constants["g"]
+        u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+
+        def strain(w):
+            return ufl.sym(ufl.grad(w))
+
+        def stress(w):
+            return lam * ufl.tr(strain(w)) * ufl.Identity(3) + 2 * mu * strain(w)
+
+        force = ufl.as_vector((0, 0, -rho * g))
+        self.bilinear = fem.form(ufl.inner(stress(u), strain(v)) * ufl.dx)
+        self.linear = fem.form(ufl.dot(force, v) * ufl.dx)
+        clamped = fem.locate_dofs_geometrical(space, lambda x: np.isclose(x[0], 0.0))
+        self.bc = fem.dirichletbc(np.zeros(3), clamped, space)
+        self.matrix = fem.create_matrix(self.bilinear, block_mode=la.BlockMode.expanded)
+        indptr, indices = self.matrix.indptr, self.matrix.indices
+        self.n = space.dofmap.index_map.size_local * space.dofmap.index_map_bs
+        self.rows = torch.from_numpy(np.repeat(np.arange(self.n), np.diff(indptr)[: self.n]))
+        self.cols = torch.from_numpy(indices[: indptr[self.n]].astype(np.int64))
+        self.length = length
+        # Snapped to the lattice: tabulated coordinates carry rounding (e.g. -3e-18 for 0).
+        lattice = np.array(cells) / np.array([length, 1.0, 1.0])
+        vertices = space.tabulate_dof_coordinates()[: self.n // 3]
+        self.vertex_coordinates = np.rint(vertices * lattice) / lattice
+
+    def dof_layout(self, width: float) -> tuple[Tensor, Tensor]:
+        coordinates = torch.from_numpy(self.vertex_coordinates.copy())
+        coordinates[:, 1:] *= width
+        return coordinates.repeat_interleave(3, dim=0), torch.arange(self.n) % 3
+
+    def __call__(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        fem = self.fem
+        count = params.shape[0]
+        A = torch.zeros(count, self.n, self.n, dtype=torch.float64)
+        b = torch.zeros(count, self.n, dtype=torch.float64)
+        vector = np.zeros(self.n)
+        nnz = self.cols.shape[0]
+        try:
+            for task, (width, lam, mu, rho) in enumerate(params.tolist()):
+                self.mesh.geometry.x[:, 1:] = self.reference[:, 1:] * width
+                self.constants["lambda"].value = lam
+                self.constants["mu"].value = mu
+                self.constants["rho"].value = rho
+                self.constants["g"].value = 0.4 * (width / self.length) ** 2
+                self.matrix.data[:] = 0.0
+                fem.assemble_matrix(self.matrix, self.bilinear, bcs=[self.bc], diag=1.0)
+                A[task, self.rows, self.cols] = torch.from_numpy(self.matrix.data[:nnz])
+                # Quadrature leaves A symmetric only up to rounding; IC(0) and CG expect it exact.
+                A[task] = 0.5 * (A[task] + A[task].T)
+                vector[:] = 0.0
+                fem.assemble_vector(vector, self.linear)
+                # The clamp prescribes u = 0, so lifting it into b adds nothing; only
+                # the constrained entries are set, to the boundary value 0.
+                self.bc.set(vector)
+                b[task] = torch.from_numpy(vector)
+        finally:
+            self.mesh.geometry.x[:] = self.reference
+        return A, b
