@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from femeta._fenics import has_dolfinx
-
 from femeta.solvers.iccg import IccgResult, iccg, petsc_iccg
 
 # The package re-exports the function `iccg`, which hides the submodule attribute.
