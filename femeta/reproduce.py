@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from femeta.runs import write_atomic
+from femeta._io import write_atomic
 
 __all__ = ["run_table3", "save_table3", "table3_budget", "table3_grid", "table3_rich"]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +19,15 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 import femeta
+from femeta._io import write_atomic
 
-__all__ = ["RunError", "load_run", "restore", "save_run", "tasks_digest", "write_atomic"]
+__all__ = ["RunError", "load_run", "restore", "save_run", "tasks_digest"]
 
 WEIGHTS, CONFIG, HISTORY = "model.safetensors", "config.json", "history.json"
 
 
 class RunError(ValueError):
     """A run directory is missing, incomplete, corrupt or made for something else."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def tasks_digest(*tensors: Tensor) -> str:

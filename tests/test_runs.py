@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from femeta.runs import RunError, load_run, save_run, write_atomic
+from femeta._io import write_atomic
+from femeta.runs import RunError, load_run, save_run
 
 
 def test_round_trip(tmp_path):
@@ -21,7 +22,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
     def interrupted(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("femeta.runs.os.fsync", interrupted)
+    monkeypatch.setattr("femeta._io.os.fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(target, b"new")
     assert target.read_text() == "old"

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from femeta._fenics import import_dolfinx
+from femeta._io import write_atomic
 from femeta.problems.base import TaskSet
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
@@ -171,7 +171,7 @@ class ElasticBeam:
         return self.cache_dir / f"{self.name}-{digest}.safetensors"
 
     def _store(self, path: Path, tasks: TaskSet) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         # The matrices are stored on their nonzero pattern: a dense split would take ~0.5 GB.
         A = tasks["A"]
@@ -183,15 +183,7 @@ class ElasticBeam:
             "b": tasks["b"],
             "params": tasks["params"],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(fields, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(path, save(fields))
 
     def _load(self, path: Path) -> TaskSet:
         from safetensors.torch import load_file
