@@ -132,6 +132,16 @@ def test_bad_input_is_rejected(poisson, change, message):
         jacobi(A2, b2, x02, tol=1e-6, max_iterations=10)
 
 
+def test_nan_in_a_sparse_matrix_is_rejected(poisson):
+    A, tasks = poisson
+    broken = A.clone()
+    broken[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="A contains NaN"):
+        jacobi(broken.to_sparse(), tasks["f"], tol=1e-6, max_iterations=10)
+    with pytest.raises(TypeError, match=r"A must be a torch\.Tensor"):
+        jacobi(A.numpy(), tasks["f"], tol=1e-6, max_iterations=10)
+
+
 @pytest.mark.parametrize("tol", [0.0, -1e-6, float("nan"), float("inf")])
 def test_non_positive_tolerance_is_rejected(poisson, tol):
     A, tasks = poisson

@@ -57,17 +57,21 @@ def jacobi(
     x0 = torch.zeros_like(b) if x0 is None else _as_batch("x0", x0, device, dtype, (batch, n))
     if reference is not None:
         reference = _as_batch("reference", reference, device, dtype, (batch, n))
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
     A = A.to(device=device, dtype=dtype)
     shared = A.dim() == 2
-    if not A.is_sparse and A.layout == torch.strided:
+    if A.layout == torch.strided:
         expected = (n, n) if shared else (batch, n, n)
         if tuple(A.shape) != expected:
             raise ValueError(
                 f"A has shape {tuple(A.shape)}; expected {expected} for b of shape {(batch, n)}"
             )
         check_finite("A", A)
-    elif tuple(A.shape) != (n, n):
-        raise ValueError(f"sparse A has shape {tuple(A.shape)}; expected {(n, n)}")
+    else:
+        if tuple(A.shape) != (n, n):
+            raise ValueError(f"sparse A has shape {tuple(A.shape)}; expected {(n, n)}")
+        check_finite("A", A.to_sparse_coo().coalesce().values())
     diag = _diagonal(A)
     if bool((diag == 0).any()):
         raise ValueError("A has a zero on its diagonal; the Jacobi method needs a nonzero diagonal")
