@@ -247,5 +247,37 @@ def table3_command(
             typer.echo(f"wrote {out}/results.json, {out}/figure1.png, {out}/figure2.png")
 
 
+@app.command("info")
+@friendly
+def info_command() -> None:
+    """Versions of femeta and its stack, the MPI size and the compute device."""
+    import platform
+
+    import torch
+
+    import femeta
+    from femeta._fenics import import_dolfinx
+
+    lines = {
+        "femeta": femeta.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        dolfinx = import_dolfinx()
+        from mpi4py import MPI
+        from petsc4py import PETSc
+
+        lines["dolfinx"] = dolfinx.__version__
+        lines["petsc"] = ".".join(str(part) for part in PETSc.Sys.getVersion())
+        lines["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+        lines["mpi size"] = str(MPI.COMM_WORLD.size)
+    except MissingFenicsError as err:
+        lines["dolfinx"] = f"not available ({err})"
+    for key, value in lines.items():
+        typer.echo(f"{key:9s} {value}")
+
+
 def main() -> None:
     app()

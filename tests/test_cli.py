@@ -70,7 +70,14 @@ def test_reproduce_table3_runs_end_to_end(tmp_path):
     assert {"results.json", "figure1.png", "figure2.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reproduce"]])
+def test_info_lists_the_stack():
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    for key in ("femeta", "torch", "device", "dolfinx"):
+        assert key in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reproduce"], ["info"]])
 def test_help_is_available(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
