@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TaskSet"]
+__all__ = ["TaskSet", "split_size_and_seed"]
 
 
 class TaskSet:
@@ -38,3 +39,16 @@ class TaskSet:
     def to(self, device: torch.device | str) -> TaskSet:
         """A copy on ``device``."""
         return TaskSet({name: value.to(device) for name, value in self.fields.items()})
+
+
+def split_size_and_seed(name: str, seed: int, sizes: Mapping[str, int]) -> tuple[int, int]:
+    """How many tasks the split ``name`` has and the seed to draw them with.
+
+    Each split gets its own seed, derived from ``seed`` and the split's position
+    in ``sizes``, so the splits are disjoint draws and each is reproducible.
+    """
+    if name not in sizes:
+        raise ValueError(f"unknown split {name!r}; expected one of {sorted(sizes)}")
+    offset = list(sizes).index(name)
+    child = np.random.SeedSequence([int(seed), offset]).generate_state(1)[0]
+    return sizes[name], int(child)

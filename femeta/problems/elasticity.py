@@ -28,7 +28,7 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
-from femeta.problems.base import TaskSet
+from femeta.problems.base import TaskSet, split_size_and_seed
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
 
@@ -148,11 +148,7 @@ class ElasticBeam:
 
     def split(self, name: str, seed: int) -> TaskSet:
         """The ``train``, ``validation`` or ``test`` split (1000 tasks each, Appendix C.3)."""
-        if name not in SPLIT_SIZES:
-            raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_SIZES)}")
-        offset = list(SPLIT_SIZES).index(name)
-        child = np.random.SeedSequence([int(seed), offset]).generate_state(1)[0]
-        return self.sample(SPLIT_SIZES[name], int(child))
+        return self.sample(*split_size_and_seed(name, seed, SPLIT_SIZES))
 
     def _cache_path(self, count: int, seed: int) -> Path | None:
         if self.cache_dir is None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from femeta._fenics import has_dolfinx, import_dolfinx
-from femeta.problems.base import TaskSet
+from femeta.problems.base import TaskSet, split_size_and_seed
 
 __all__ = ["Poisson1D", "assemble_poisson_matrix", "closed_form_matrix"]
 
@@ -74,11 +74,7 @@ class Poisson1D:
 
     def split(self, name: str, seed: int) -> TaskSet:
         """The ``train``, ``validation`` or ``test`` split (1000 tasks each, Appendix C.1)."""
-        if name not in SPLIT_SIZES:
-            raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_SIZES)}")
-        offset = list(SPLIT_SIZES).index(name)
-        child = np.random.SeedSequence([int(seed), offset]).generate_state(1)[0]
-        return self.sample(SPLIT_SIZES[name], int(child))
+        return self.sample(*split_size_and_seed(name, seed, SPLIT_SIZES))
 
 
 def closed_form_matrix(n: int) -> np.ndarray:
