@@ -18,7 +18,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from femeta._fenics import MissingFenicsError
 from femeta.experiments import EXPERIMENTS, get_experiment
-from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
+from femeta.training import EpochRecord
+from femeta.workflow import (
+    TrainOptions,
+    evaluate_metasolver,
+    load_metasolver,
+    resume_training,
+    train_metasolver,
+)
 
 app = typer.Typer(
     help="Learn per-instance parameters of iterative solvers (gradient-based meta-solving).",
@@ -86,7 +93,16 @@ Problem = Annotated[str, typer.Argument(help=f"The task family: one of {sorted(E
 @friendly
 def train_command(
     problem: Problem,
-    out: Annotated[Path, typer.Option("--out", help="Run directory to write the model into.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="New run directory to write the model into.")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the interrupted run in this directory (other options unused)."),
+    ] = None,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="Checkpoint the training state at most this often.")
+    ] = 10.0,
     loss: Annotated[
         str | None,
         typer.Option(help="'surrogate' (L~_eps, eq. 10) or 'm' (L_m). [default: surrogate]"),
@@ -120,17 +136,23 @@ def train_command(
 ) -> None:
     """Train a meta-solver and save it to a run directory."""
     check_problem(problem)
-    given = {
-        "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
-        "gain": gain, "batch_size": batch_size, "lr": lr,
-    }  # fmt: skip
-    values = read_config(config) | {key: value for key, value in given.items() if value is not None}
-    try:
-        options = TrainOptions(problem=problem, **values)
-    except TypeError as err:
-        raise UsageError(f"bad option value in {config}: {err}") from None
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose a new --out directory")
+    if (out is None) == (resume is None):
+        raise UsageError("give exactly one of --out NEW_RUN_DIR or --resume RUN_DIR")
+    if resume is None:
+        given = {
+            "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
+            "gain": gain, "batch_size": batch_size, "lr": lr,
+        }  # fmt: skip
+        values = read_config(config) | {k: v for k, v in given.items() if v is not None}
+        try:
+            options = TrainOptions(problem=problem, **values)
+        except TypeError as err:
+            raise UsageError(f"bad option value in {config}: {err}") from None
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(
+                f"{out} exists and is not empty; choose a new --out directory, "
+                f"or continue an interrupted run with --resume {out}"
+            )
     progress = Progress(
         TextColumn("epoch {task.completed}/{task.total}"),
         BarColumn(),
@@ -141,14 +163,28 @@ def train_command(
         disable=not show_progress(),
     )
     with progress:
-        bar = progress.add_task("train", total=options.epochs, train=math.nan, validation=math.nan)
-        _, _, result = train_metasolver(
-            options,
-            out,
-            lambda r: progress.update(
-                bar, advance=1, train=r.train_loss, validation=r.validation_loss
-            ),
-        )
+        bar = progress.add_task("train", total=None, train=math.nan, validation=math.nan)
+
+        def advance(record: EpochRecord) -> None:
+            progress.update(
+                bar,
+                completed=record.epoch,
+                train=record.train_loss,
+                validation=record.validation_loss,
+            )
+
+        try:
+            if resume is None:
+                progress.update(bar, total=options.epochs)
+                _, _, result = train_metasolver(options, out, advance, checkpoint_seconds)
+            else:
+                out = resume
+                _, _, result = resume_training(resume, problem, advance, checkpoint_seconds)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True
+            )
+            raise typer.Exit(130) from None
     typer.echo(
         f"saved {out}: best validation loss {result.best_validation_loss:.6g} "
         f"at epoch {result.best_epoch}; {result.skipped_steps} steps skipped"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -90,12 +91,21 @@ def train(
     validation_tasks: TaskSet,
     config: TrainConfig,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_seconds: float = 10.0,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Minimise the mean of ``objective`` over ``train_tasks`` with Adam.
 
     A step whose loss or gradient is NaN or infinite is skipped (and counted),
     so one broken solve cannot poison the weights. The weights with the lowest
     validation loss are kept in the result; ``metasolver`` is left holding them.
+
+    ``checkpoint`` receives the whole training state (weights, optimiser,
+    schedule, random states, history) after an epoch, at most every
+    ``checkpoint_seconds`` and after the last one; passing such a state back as
+    ``resume`` continues the run exactly where it stood, so an interrupted and
+    resumed run ends with the same weights as an uninterrupted one.
     """
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -109,7 +119,22 @@ def train(
             optimizer, milestones=list(config.milestones), gamma=config.factor
         )
     best = TrainResult(copy.deepcopy(metasolver.state_dict()), 0, math.inf)
-    for epoch in range(1, config.epochs + 1):
+    first_epoch = 1
+    if resume is not None:
+        metasolver.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        shuffle.set_state(resume["shuffle_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        best = TrainResult(
+            resume["best_state"],
+            resume["best_epoch"],
+            resume["best_validation_loss"],
+            [EpochRecord(**record) for record in resume["history"]],
+        )
+        first_epoch = resume["epoch"] + 1
+    last_checkpoint = time.monotonic()
+    for epoch in range(first_epoch, config.epochs + 1):
         metasolver.train()
         order = torch.randperm(len(train_tasks), generator=shuffle)
         total, count, skipped = 0.0, 0, 0
@@ -149,6 +174,25 @@ def train(
             best.best_epoch, best.best_validation_loss = epoch, validation_loss
         if on_epoch is not None:
             on_epoch(record)
+        now = time.monotonic()
+        if checkpoint is not None and (
+            now - last_checkpoint >= checkpoint_seconds or epoch == config.epochs
+        ):
+            checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": metasolver.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "shuffle_rng": shuffle.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best_state": best.best_state,
+                    "best_epoch": best.best_epoch,
+                    "best_validation_loss": best.best_validation_loss,
+                    "history": best.history_dicts(),
+                }
+            )
+            last_checkpoint = now
     metasolver.load_state_dict(best.best_state)
     metasolver.eval()
     return best

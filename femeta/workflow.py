@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,12 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainConfig, TrainResult, train
 
-__all__ = ["TrainOptions", "evaluate_metasolver", "load_metasolver", "train_metasolver"]
+__all__ = [
+    "TrainOptions",
+    "evaluate_metasolver",
+    "load_metasolver",
+    "resume_training",
+    "train_metasolver",
+]
+
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -58,12 +68,50 @@ def train_metasolver(
     options: TrainOptions,
     out: Path | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    checkpoint_seconds: float = 10.0,
 ) -> tuple[Any, nn.Module, TrainResult]:
     """Train Psi_nn for ``options``; save it to ``out`` when given.
+
+    With ``out``, the training state is checkpointed there (``checkpoint.pt``)
+    every ``checkpoint_seconds`` until the run completes, so that
+    :func:`resume_training` can continue it after an interruption.
 
     Returns the experiment, the trained meta-solver (best on validation) and
     the training result.
     """
+    return _train(options, out, on_epoch, checkpoint_seconds, None)
+
+
+def resume_training(
+    run_dir: Path,
+    problem: str,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    checkpoint_seconds: float = 10.0,
+) -> tuple[Any, nn.Module, TrainResult]:
+    """Continue an interrupted :func:`train_metasolver` run from its last checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists():
+        raise RunError(f"{run_dir} holds a completed run; there is nothing to resume")
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; only a run started with --out can be resumed")
+    try:
+        saved = torch.load(path, weights_only=True)
+        options = TrainOptions(**saved["options"])
+    except Exception as err:  # a truncated or foreign file fails in many ways
+        raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
+    if options.problem != problem:
+        raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
+    return _train(options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"])
+
+
+def _train(
+    options: TrainOptions,
+    out: Path | None,
+    on_epoch: Callable[[EpochRecord], None] | None,
+    checkpoint_seconds: float,
+    resume: dict[str, Any] | None,
+) -> tuple[Any, nn.Module, TrainResult]:
     experiment = get_experiment(options.problem, p=options.p)
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
@@ -75,7 +123,25 @@ def train_metasolver(
     )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn")
-    result = train(metasolver, objective, train_tasks, validation_tasks, config, on_epoch)
+    checkpoint = None
+    if out is not None:
+
+        def checkpoint(state: dict[str, Any]) -> None:
+            buffer = io.BytesIO()
+            torch.save({"options": asdict(options), "trainer": state}, buffer)
+            write_atomic(Path(out) / CHECKPOINT, buffer.getvalue())
+
+    result = train(
+        metasolver,
+        objective,
+        train_tasks,
+        validation_tasks,
+        config,
+        on_epoch,
+        checkpoint,
+        checkpoint_seconds,
+        resume,
+    )
     if out is not None:
         save_run(
             Path(out),
@@ -95,6 +161,7 @@ def train_metasolver(
             },
             result.history_dicts(),
         )
+        (Path(out) / CHECKPOINT).unlink(missing_ok=True)
     return experiment, metasolver, result
 
 

@@ -1,6 +1,11 @@
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from femeta.cli import app
@@ -137,3 +142,49 @@ def test_bad_toml_keys_are_reported(tmp_path):
     config.write_text("epochs = [\n")
     result = invoke("train", "poisson1d", "--config", config, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    options = ["--loss", "m", "--m", "5", "--epochs", "150", "--p", "0.01", "--seed", "3"]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "femeta", "train", "poisson1d", *options]
+    process = subprocess.Popen(
+        [*command, "--checkpoint-seconds", "0", "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "checkpoint.pt").exists() and not (killed / "config.json").exists()
+
+    resumed = invoke("train", "poisson1d", "--resume", killed)
+    assert resumed.exit_code == 0, resumed.output
+    straight = invoke("train", "poisson1d", *options, "--out", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+
+    first = load_file(killed / "model.safetensors")
+    second = load_file(tmp_path / "straight" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert bool((first[name] == second[name]).all()), name
+    history = json.loads((killed / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 151))
+    assert not (killed / "checkpoint.pt").exists()
+    assert (killed / "config.json").exists()
+
+
+def test_resume_errors(tmp_path, trained):
+    cases = {
+        ("train", "poisson1d", "--resume", trained): "completed run",
+        ("train", "poisson1d", "--resume", tmp_path): "does not exist",
+        ("train", "poisson1d"): "exactly one of",
+    }
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    cases[("train", "poisson1d", "--resume", tmp_path / "broken")] = "not a readable"
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
