@@ -283,6 +283,33 @@ def table3_command(
             typer.echo(f"wrote {out}/results.json, {out}/figure1.png, {out}/figure2.png")
 
 
+@app.command("plot")
+@friendly
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `femeta train`.")],
+    tol: Annotated[float, typer.Option(help="Test tolerance of the histograms.")] = 1e-6,
+    seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
+) -> None:
+    """Write training.png (loss and learning rate) and iterations.png into RUN_DIR."""
+    from femeta import plots
+    from femeta.runs import read_history, run_problem
+
+    if not (tol > 0 and tol < 1):
+        raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
+    problem = run_problem(run_dir)
+    experiment, metasolver = load_metasolver(run_dir, problem)
+    baseline = experiment.metasolver("base")
+    iterations = {
+        "Psi_base": evaluate_metasolver(experiment, baseline, tol, seed).iterations,
+        f"Psi_nn ({run_dir.name})": evaluate_metasolver(
+            experiment, metasolver, tol, seed
+        ).iterations,
+    }
+    plots.plot_training(read_history(run_dir), run_dir / "training.png")
+    plots.plot_iterations(iterations, tol, run_dir / "iterations.png")
+    typer.echo(f"wrote {run_dir / 'training.png'} and {run_dir / 'iterations.png'}")
+
+
 @app.command("info")
 @friendly
 def info_command() -> None:

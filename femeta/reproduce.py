@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from femeta._io import write_atomic
+from femeta.plots import save_figure
 
 __all__ = ["run_table3", "save_table3", "table3_budget", "table3_grid", "table3_rich"]
 
@@ -168,7 +169,7 @@ def save_table3(results: dict[str, Any], out: Path) -> None:
     axes.set_title("Psi_nn trained with L_m (m) and with the surrogate (eps); dotted: Psi_base")
     axes.legend()
     figure.tight_layout()
-    _save_figure(figure, out / "figure1.png")
+    save_figure(figure, out / "figure1.png")
 
     figure, grid = plt.subplots(2, 3, figsize=(11, 6), sharex=True)
     for axes_row, p in zip(grid, MIXTURES, strict=True):
@@ -179,15 +180,4 @@ def save_table3(results: dict[str, Any], out: Path) -> None:
     for axes in grid[-1]:
         axes.set_xlabel("iterations to eps = 1e-6")
     figure.tight_layout()
-    _save_figure(figure, out / "figure2.png")
-
-
-def _save_figure(figure: Any, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    save_figure(figure, out / "figure2.png")

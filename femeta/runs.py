@@ -21,7 +21,15 @@ from torch import Tensor
 import femeta
 from femeta._io import write_atomic
 
-__all__ = ["RunError", "load_run", "restore", "save_run", "tasks_digest"]
+__all__ = [
+    "RunError",
+    "load_run",
+    "read_history",
+    "restore",
+    "run_problem",
+    "save_run",
+    "tasks_digest",
+]
 
 WEIGHTS, CONFIG, HISTORY = "model.safetensors", "config.json", "history.json"
 
@@ -50,8 +58,8 @@ def save_run(
     write_atomic(run_dir / CONFIG, json.dumps(config, indent=2).encode())
 
 
-def load_run(run_dir: Path, problem: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read a run directory made for ``problem``; return its configuration and weights."""
+def load_run(run_dir: Path, problem: str | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read a run directory made for ``problem`` (any, if None); return config and weights."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(
@@ -67,7 +75,7 @@ def load_run(run_dir: Path, problem: str) -> tuple[dict[str, Any], dict[str, Ten
         raise RunError(f"{config_path} is not valid JSON ({err}); retrain the model") from err
     if not isinstance(config, dict) or "problem" not in config:
         raise RunError(f"{config_path} has no 'problem' entry; it was not written by femeta")
-    if config["problem"] != problem:
+    if problem is not None and config["problem"] != problem:
         raise RunError(
             f"{run_dir} holds a model for {config['problem']!r}, not {problem!r}; use "
             f"`femeta evaluate {config['problem']} --model {run_dir}` or train one for {problem!r}"
@@ -83,6 +91,26 @@ def load_run(run_dir: Path, problem: str) -> tuple[dict[str, Any], dict[str, Ten
     except (SafetensorError, ValueError, OSError) as err:
         raise RunError(f"{weights_path} is corrupt ({err}); retrain the model") from err
     return config, state
+
+
+def run_problem(run_dir: Path) -> str:
+    """The problem a run directory was trained for."""
+    config, _ = load_run(Path(run_dir), problem=None)
+    return config["problem"]
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch training history of a run directory."""
+    path = Path(run_dir) / HISTORY
+    try:
+        history = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; {run_dir} is not a complete run directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(history, list):
+        raise RunError(f"{path} does not hold a list of epochs")
+    return history
 
 
 def restore(module: torch.nn.Module, state: dict[str, Tensor], run_dir: Path) -> None:

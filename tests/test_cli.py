@@ -188,3 +188,19 @@ def test_resume_errors(tmp_path, trained):
     for args, message in cases.items():
         result = invoke(*args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_plot_writes_training_curves_and_histograms(tmp_path, trained):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "model.safetensors", "history.json"):
+        (run / name).write_bytes((trained / name).read_bytes())
+    result = invoke("plot", run, "--tol", "1e-4")
+    assert result.exit_code == 0, result.output
+    for name in ("training.png", "iterations.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (run / "history.json").write_text("[{")
+    result = invoke("plot", run)
+    assert result.exit_code == 2 and "history.json is not valid JSON" in result.output
+    result = invoke("plot", tmp_path / "nothing")
+    assert result.exit_code == 2 and "does not exist" in result.output
