@@ -32,8 +32,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-reproduce_app = typer.Typer(help="Reproduce the paper's tables.", no_args_is_help=True)
+reproduce_app = typer.Typer(
+    help="Reproduce the paper's tables.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(reproduce_app, name="reproduce")
 
 stderr = Console(stderr=True)
