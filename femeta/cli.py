@@ -159,7 +159,10 @@ def train_command(
     progress = Progress(
         TextColumn("epoch {task.completed}/{task.total}"),
         BarColumn(),
-        TextColumn("train {task.fields[train]:.4g}  validation {task.fields[validation]:.4g}"),
+        TextColumn(
+            "loss {task.fields[train]:.4g} / validation {task.fields[validation]:.4g}, "
+            "{task.fields[iterations]:.1f} iterations"
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,
@@ -179,10 +182,10 @@ def train_command(
         try:
             if resume is None:
                 progress.update(bar, total=options.epochs)
-                _, _, result = train_metasolver(options, out, advance, checkpoint_seconds)
+                _, _, result = train_metasolver(options, out, advance, checkpoint_seconds, True)
             else:
                 out = resume
-                _, _, result = resume_training(resume, problem, advance, checkpoint_seconds)
+                _, _, result = resume_training(resume, problem, advance, checkpoint_seconds, True)
         except KeyboardInterrupt:
             typer.echo(
                 f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True

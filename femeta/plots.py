@@ -33,10 +33,13 @@ def save_figure(figure: Any, path: Path) -> None:
 
 
 def plot_training(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Training and validation loss, and the learning rate, per epoch."""
+    """Training and validation loss, learning rate and (if monitored) iterations, per epoch."""
     plt = _pyplot()
     epochs = [record["epoch"] for record in history]
-    figure, (losses, rates) = plt.subplots(1, 2, figsize=(10, 4))
+    iterations = [record.get("validation_iterations") for record in history]
+    monitored = all(value is not None for value in iterations)
+    figure, panels = plt.subplots(1, 3 if monitored else 2, figsize=(15 if monitored else 10, 4))
+    losses, rates = panels[0], panels[1]
     losses.plot(epochs, [r["train_loss"] for r in history], label="training")
     losses.plot(epochs, [r["validation_loss"] for r in history], label="validation")
     losses.set_yscale("log")
@@ -47,6 +50,10 @@ def plot_training(history: Sequence[Mapping[str, float]], path: Path) -> None:
     rates.set_yscale("log")
     rates.set_xlabel("epoch")
     rates.set_ylabel("learning rate")
+    if monitored:
+        panels[2].plot(epochs, iterations)
+        panels[2].set_xlabel("epoch")
+        panels[2].set_ylabel("mean iterations, validation tasks")
     figure.tight_layout()
     save_figure(figure, path)
 

@@ -57,13 +57,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """What one epoch did."""
+    """What one epoch did; ``validation_iterations`` is set when a monitor was given."""
 
     epoch: int
     train_loss: float
     validation_loss: float
     lr: float
     skipped_steps: int
+    validation_iterations: float | None = None
 
 
 @dataclass
@@ -94,6 +95,7 @@ def train(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_seconds: float = 10.0,
     resume: dict[str, Any] | None = None,
+    monitor: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Minimise the mean of ``objective`` over ``train_tasks`` with Adam.
 
@@ -106,6 +108,9 @@ def train(
     ``checkpoint_seconds`` and after the last one; passing such a state back as
     ``resume`` continues the run exactly where it stood, so an interrupted and
     resumed run ends with the same weights as an uninterrupted one.
+
+    ``monitor``, when given, is called without gradients after each epoch (for
+    instance, the mean iterations on the validation tasks) and recorded.
     """
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -167,6 +172,7 @@ def train(
             validation_loss=validation_loss,
             lr=optimizer.param_groups[0]["lr"],
             skipped_steps=skipped,
+            validation_iterations=_monitored(monitor, metasolver),
         )
         best.history.append(record)
         if validation_loss < best.best_validation_loss:
@@ -196,6 +202,14 @@ def train(
     metasolver.load_state_dict(best.best_state)
     metasolver.eval()
     return best
+
+
+@torch.no_grad()
+def _monitored(monitor: Callable[[nn.Module], float] | None, metasolver: nn.Module) -> float | None:
+    if monitor is None:
+        return None
+    metasolver.eval()
+    return float(monitor(metasolver))
 
 
 @torch.no_grad()

@@ -69,9 +69,12 @@ def train_metasolver(
     out: Path | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     checkpoint_seconds: float = 10.0,
+    monitor_iterations: bool = False,
 ) -> tuple[Any, nn.Module, TrainResult]:
     """Train Psi_nn for ``options``; save it to ``out`` when given.
 
+    With ``monitor_iterations``, each epoch also records the mean iterations
+    to ``options.tol`` on the validation tasks (a solve more per epoch).
     With ``out``, the training state is checkpointed there (``checkpoint.pt``)
     every ``checkpoint_seconds`` until the run completes, so that
     :func:`resume_training` can continue it after an interruption.
@@ -79,7 +82,7 @@ def train_metasolver(
     Returns the experiment, the trained meta-solver (best on validation) and
     the training result.
     """
-    return _train(options, out, on_epoch, checkpoint_seconds, None)
+    return _train(options, out, on_epoch, checkpoint_seconds, None, monitor_iterations)
 
 
 def resume_training(
@@ -87,6 +90,7 @@ def resume_training(
     problem: str,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     checkpoint_seconds: float = 10.0,
+    monitor_iterations: bool = False,
 ) -> tuple[Any, nn.Module, TrainResult]:
     """Continue an interrupted :func:`train_metasolver` run from its last checkpoint."""
     run_dir = Path(run_dir)
@@ -102,7 +106,9 @@ def resume_training(
         raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
     if options.problem != problem:
         raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
-    return _train(options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"])
+    return _train(
+        options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"], monitor_iterations
+    )
 
 
 def _train(
@@ -111,6 +117,7 @@ def _train(
     on_epoch: Callable[[EpochRecord], None] | None,
     checkpoint_seconds: float,
     resume: dict[str, Any] | None,
+    monitor_iterations: bool,
 ) -> tuple[Any, nn.Module, TrainResult]:
     experiment = get_experiment(options.problem, p=options.p)
     train_tasks = experiment.tasks("train", options.seed)
@@ -123,6 +130,15 @@ def _train(
     )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn")
+    monitor = None
+    if monitor_iterations:
+
+        def monitor(psi: nn.Module) -> float:
+            result = experiment.solve(psi, validation_tasks, options.tol, experiment.evaluation_cap)
+            return IterationStats.from_result(
+                result, options.tol, experiment.evaluation_cap
+            ).mean_iterations
+
     checkpoint = None
     if out is not None:
 
@@ -141,6 +157,7 @@ def _train(
         checkpoint,
         checkpoint_seconds,
         resume,
+        monitor,
     )
     if out is not None:
         save_run(

@@ -84,3 +84,20 @@ def test_same_seed_gives_the_same_weights():
 def test_bad_configuration_is_rejected(kwargs):
     with pytest.raises(ValueError):
         TrainConfig(**kwargs)
+
+
+def test_monitor_is_recorded_without_changing_the_weights():
+    config = TrainConfig(epochs=3, batch_size=16, seed=4)
+    plain, monitored = linear_model(), linear_model()
+    train(plain, squared_error, regression_tasks(64, 0), regression_tasks(8, 1), config)
+    result = train(
+        monitored,
+        squared_error,
+        regression_tasks(64, 0),
+        regression_tasks(8, 1),
+        config,
+        monitor=lambda model: float(model.weight.abs().sum()),
+    )
+    assert all(record.validation_iterations is not None for record in result.history)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, monitored.state_dict()[name])
