@@ -33,6 +33,7 @@ class Poisson1DJacobi:
     name: ClassVar[str] = "poisson1d"
     solver_name: ClassVar[str] = "jacobi"
     predicts: ClassVar[str] = "initial guess (coefficients in the eigenvector basis)"
+    features: ClassVar[str] = "f, the source vector at the N grid points, not normalised"
     #: Cap for evaluation: high enough that every Table 3 configuration converges.
     evaluation_cap: ClassVar[int] = 10_000
     #: Cap of the surrogate's Phi_{eps,m} during training when none is given.

@@ -168,6 +168,7 @@ def _train(
                 "problem_params": experiment.params(),
                 "solver": experiment.solver_name,
                 "predicts": experiment.predicts,
+                "features": experiment.features,
                 "metasolver": "nn",
                 "options": asdict(options),
                 "train_config": asdict(config),
