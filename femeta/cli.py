@@ -53,7 +53,7 @@ def friendly(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, MissingFenicsError, OSError, tomllib.TOMLDecodeError) as err:
+        except (ValueError, MissingFenicsError, OSError) as err:  # TOMLDecodeError is a ValueError
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -63,10 +63,9 @@ def friendly(command: Callable) -> Callable:
     return wrapper
 
 
-def check_problem(problem: str) -> str:
+def check_problem(problem: str) -> None:
     if problem not in EXPERIMENTS:
         raise UsageError(f"unknown problem {problem!r}; expected one of {sorted(EXPERIMENTS)}")
-    return problem
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -150,7 +149,8 @@ def train_command(
         try:
             options = TrainOptions(problem=problem, **values)
         except TypeError as err:
-            raise UsageError(f"bad option value in {config}: {err}") from None
+            where = f" in {config}" if config is not None else ""
+            raise UsageError(f"bad option value{where}: {err}") from None
         if out.exists() and any(out.iterdir()):
             raise UsageError(
                 f"{out} exists and is not empty; choose a new --out directory, "
@@ -160,23 +160,26 @@ def train_command(
         TextColumn("epoch {task.completed}/{task.total}"),
         BarColumn(),
         TextColumn(
-            "loss {task.fields[train]:.4g} / validation {task.fields[validation]:.4g}, "
-            "{task.fields[iterations]:.1f} iterations"
+            "loss {task.fields[train]:.3g} validation {task.fields[validation]:.3g} "
+            "iterations {task.fields[iterations]:.1f}"
         ),
-        TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,
         disable=not show_progress(),
     )
     with progress:
-        bar = progress.add_task("train", total=None, train=math.nan, validation=math.nan)
+        bar = progress.add_task(
+            "train", total=None, train=math.nan, validation=math.nan, iterations=math.nan
+        )
 
         def advance(record: EpochRecord) -> None:
+            iterations = record.validation_iterations
             progress.update(
                 bar,
                 completed=record.epoch,
                 train=record.train_loss,
                 validation=record.validation_loss,
+                iterations=math.nan if iterations is None else iterations,
             )
 
         try:

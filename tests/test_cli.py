@@ -53,6 +53,14 @@ def test_evaluate_baseline_matches_table3():
     assert abs(summary["mean_iterations"] - 158.41) < 5 and summary["convergence_ratio"] == 1.0
 
 
+def test_progress_bar_renders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("femeta.cli.show_progress", lambda: True)
+    result = invoke(
+        "train", "poisson1d", "--loss", "m", "--m", "2", "--epochs", "2", "--out", tmp_path
+    )
+    assert result.exit_code == 0, result.output
+
+
 def test_train_reads_a_toml_config(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('loss = "m"\nm = 3\nepochs = 1\nbatch-size = 500\n')
