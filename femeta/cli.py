@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Callable
@@ -351,5 +352,16 @@ def info_command() -> None:
         typer.echo(f"{key:9s} {value}")
 
 
+def launcher_rank() -> int:
+    """This process's rank when started by mpiexec (MPICH, Open MPI or PMIx), else 0."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
 def main() -> None:
+    if launcher_rank() > 0:
+        # Results are printed once, by rank 0; errors still reach every rank's stderr.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     app()

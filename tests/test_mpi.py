@@ -1,6 +1,11 @@
 """Tests that run on every rank under `mpiexec -n 2` (and serially)."""
 
 import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,3 +50,14 @@ def test_the_mesh_is_really_distributed():
     assert comm.allreduce(owned) == 18
     if comm.size > 1:
         assert owned < 18
+
+
+@pytest.mark.skipif("PMI_RANK" in os.environ, reason="launches mpiexec itself")
+def test_cli_under_mpiexec_prints_one_result():
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    command = [str(mpiexec), "-n", "2", sys.executable, "-m", "femeta", "evaluate", "poisson1d",
+               "--baseline", "--tol", "1e-2", "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["n_tasks"] == 1000
