@@ -27,7 +27,7 @@ test-serial: $(STAMP)
 	$(PY) -m pytest -q
 
 test-mpi: $(STAMP)
-	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -m mpi -p no:cacheprovider $(MPI_TESTS)
+	$(VENV)/bin/mpiexec -n 2 bash scripts/rank0-output.sh $(PY) -m pytest -q -m mpi -p no:cacheprovider $(MPI_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
