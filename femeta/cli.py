@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from femeta._fenics import MissingFenicsError
-from femeta.experiments import EXPERIMENTS, get_experiment
+from femeta.experiments import EXPERIMENTS, get_experiment, resolve_device
 from femeta.training import EpochRecord
 from femeta.workflow import (
     TrainOptions,
@@ -90,6 +90,9 @@ def show_progress() -> bool:
 
 
 Problem = Annotated[str, typer.Argument(help=f"The task family: one of {sorted(EXPERIMENTS)}.")]
+Device = Annotated[
+    str, typer.Option(help="Where to compute: auto (a CUDA GPU when there is one), cpu, cuda.")
+]
 
 
 @app.command("train")
@@ -136,6 +139,7 @@ def train_command(
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
     ] = None,
+    device: Device = "auto",
 ) -> None:
     """Train a meta-solver and save it to a run directory."""
     check_problem(problem)
@@ -186,10 +190,14 @@ def train_command(
         try:
             if resume is None:
                 progress.update(bar, total=options.epochs)
-                _, _, result = train_metasolver(options, out, advance, checkpoint_seconds, True)
+                _, _, result = train_metasolver(
+                    options, out, advance, checkpoint_seconds, True, device
+                )
             else:
                 out = resume
-                _, _, result = resume_training(resume, problem, advance, checkpoint_seconds, True)
+                _, _, result = resume_training(
+                    resume, problem, advance, checkpoint_seconds, True, device
+                )
         except KeyboardInterrupt:
             typer.echo(
                 f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True
@@ -223,6 +231,7 @@ def evaluate_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
+    device: Device = "auto",
 ) -> None:
     """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
     check_problem(problem)
@@ -233,9 +242,11 @@ def evaluate_command(
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
     if model is not None:
-        experiment, metasolver = load_metasolver(model, problem, p)
+        experiment, metasolver = load_metasolver(model, problem, p, device)
     else:
-        experiment = get_experiment(problem, p=0.0 if p is None else p)
+        experiment = get_experiment(
+            problem, p=0.0 if p is None else p, device=resolve_device(device)
+        )
         metasolver = experiment.metasolver("base")
     stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations)
     summary = {"problem": problem, "model": str(model) if model else "base", "p": experiment.p}

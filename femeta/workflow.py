@@ -13,7 +13,7 @@ from torch import nn
 
 from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
-from femeta.experiments import get_experiment
+from femeta.experiments import get_experiment, resolve_device
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainConfig, TrainResult, train
 
@@ -70,8 +70,9 @@ def train_metasolver(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     checkpoint_seconds: float = 10.0,
     monitor_iterations: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[Any, nn.Module, TrainResult]:
-    """Train Psi_nn for ``options``; save it to ``out`` when given.
+    """Train Psi_nn for ``options`` on ``device``; save it to ``out`` when given.
 
     With ``monitor_iterations``, each epoch also records the mean iterations
     to ``options.tol`` on the validation tasks (a solve more per epoch).
@@ -82,7 +83,7 @@ def train_metasolver(
     Returns the experiment, the trained meta-solver (best on validation) and
     the training result.
     """
-    return _train(options, out, on_epoch, checkpoint_seconds, None, monitor_iterations)
+    return _train(options, out, on_epoch, checkpoint_seconds, None, monitor_iterations, device)
 
 
 def resume_training(
@@ -91,6 +92,7 @@ def resume_training(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     checkpoint_seconds: float = 10.0,
     monitor_iterations: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[Any, nn.Module, TrainResult]:
     """Continue an interrupted :func:`train_metasolver` run from its last checkpoint."""
     run_dir = Path(run_dir)
@@ -100,14 +102,14 @@ def resume_training(
     if not path.is_file():
         raise RunError(f"{path} does not exist; only a run started with --out can be resumed")
     try:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         options = TrainOptions(**saved["options"])
     except Exception as err:  # a truncated or foreign file fails in many ways
         raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
     if options.problem != problem:
         raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
     return _train(
-        options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"], monitor_iterations
+        options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"], monitor_iterations, device
     )
 
 
@@ -118,8 +120,9 @@ def _train(
     checkpoint_seconds: float,
     resume: dict[str, Any] | None,
     monitor_iterations: bool,
+    device: str | torch.device,
 ) -> tuple[Any, nn.Module, TrainResult]:
-    experiment = get_experiment(options.problem, p=options.p)
+    experiment = get_experiment(options.problem, p=options.p, device=resolve_device(device))
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
     m = options.iterations(experiment.surrogate_cap)
@@ -183,14 +186,17 @@ def _train(
     return experiment, metasolver, result
 
 
-def load_metasolver(run_dir: Path, problem: str, p: float | None = None) -> tuple[Any, nn.Module]:
-    """Load a trained meta-solver; ``p`` overrides the task distribution it is used on."""
+def load_metasolver(
+    run_dir: Path, problem: str, p: float | None = None, device: str | torch.device = "cpu"
+) -> tuple[Any, nn.Module]:
+    """Load a trained meta-solver onto ``device``; ``p`` overrides the task distribution."""
+    device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
     if p is not None:
         params["p"] = p
     try:
-        experiment = get_experiment(problem, **params)
+        experiment = get_experiment(problem, **params, device=device)
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
     except (TypeError, ValueError) as err:
         raise RunError(f"{run_dir}/config.json does not describe a usable model ({err})") from err

@@ -194,6 +194,8 @@ def test_reproduce_and_plot_reject_bad_options(tmp_path):
         ("plot", tmp_path, "--tol", "2"): "tolerance",
         ("evaluate", "poisson1d", "--baseline", "--max-iterations", "0"): "--max-iterations",
         ("evaluate", "poisson1d", "--baseline", "--p", "nan"): "probability",
+        ("evaluate", "poisson1d", "--baseline", "--device", "tpu"): "unknown device",
+        ("train", "poisson1d", "--device", "gpu0", "--out", tmp_path / "d"): "unknown device",
     }
     for args, message in cases.items():
         result = invoke(*args)

@@ -147,3 +147,15 @@ def test_non_positive_tolerance_is_rejected(poisson, tol):
     A, tasks = poisson
     with pytest.raises(ValueError, match="tolerance must be a positive"):
         jacobi(A, tasks["f"], tol=tol, max_iterations=10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(poisson):
+    A, tasks = poisson
+    cpu = jacobi(A, tasks["f"], tol=1e-6, max_iterations=5000, reference=tasks["solution"])
+    gpu = jacobi(
+        A, tasks["f"], tol=1e-6, max_iterations=5000, reference=tasks["solution"], device="cuda"
+    )
+    assert gpu.x.is_cuda
+    torch.testing.assert_close(gpu.iterations.cpu(), cpu.iterations)
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
@@ -25,3 +26,21 @@ def test_saved_model_evaluates_like_the_trained_one(tmp_path):
     reloaded = evaluate_metasolver(experiment, loaded, 1e-4)
     assert (direct.iterations == reloaded.iterations).all()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_gives_a_model_that_runs_on_the_cpu(tmp_path):
+    options = TrainOptions(loss="surrogate", m=400, tol=1e-4, epochs=2, p=0.01)
+    experiment, trained, _ = train_metasolver(options, tmp_path / "run", device="cuda")
+    assert experiment.matrix.is_cuda and next(trained.parameters()).is_cuda
+    on_gpu = evaluate_metasolver(experiment, trained, 1e-4)
+    cpu_experiment, on_cpu = load_metasolver(tmp_path / "run", "poisson1d", device="cpu")
+    stats = evaluate_metasolver(cpu_experiment, on_cpu, 1e-4)
+    assert abs(stats.mean_iterations - on_gpu.mean_iterations) <= 0.01
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        train_metasolver(TrainOptions(loss="m", m=1, epochs=1), device="cuda")
