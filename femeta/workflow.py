@@ -49,6 +49,15 @@ class TrainOptions:
     lr: float = 0.01
 
     def __post_init__(self) -> None:
+        for name in ("m", "epochs", "seed", "batch_size"):
+            value = getattr(self, name)
+            if not (value is None and name == "m") and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("tol", "p", "gain", "lr"):
+            if isinstance(getattr(self, name), bool | str):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if self.loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
         if not (self.tol > 0 and self.tol < 1):

@@ -69,6 +69,8 @@ API_CASES = {
     "TrainOptions: unknown loss": (lambda: TrainOptions(loss="l1"), "unknown loss"),
     "TrainOptions: tolerance 0": (lambda: TrainOptions(tol=0.0), "tolerance"),
     "TrainOptions: NaN tolerance": (lambda: TrainOptions(tol=NAN), "tolerance"),
+    "TrainOptions: fractional m": (lambda: TrainOptions(m=2.5), "m must be an integer"),
+    "TrainOptions: text learning rate": (lambda: TrainOptions(lr="fast"), "lr must be a number"),
     "Poisson1D: p outside [0, 1]": (lambda: Poisson1D(p=1.5), "probability"),
     "Poisson1D: NaN p": (lambda: Poisson1D(p=NAN), "probability"),
     "Poisson1D: unknown split": (lambda: Poisson1D().split("dev", 0), "unknown split"),
@@ -167,6 +169,9 @@ def test_bad_toml_keys_are_reported(tmp_path):
     config.write_text("learning_rate = 3\n")
     result = invoke("train", "poisson1d", "--config", config, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "unknown keys ['learning_rate']" in result.output
+    config.write_text("m = 2.5\n")
+    result = invoke("train", "poisson1d", "--config", config, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "m must be an integer" in result.output
     config.write_text("epochs = [\n")
     result = invoke("train", "poisson1d", "--config", config, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "Traceback" not in result.output
