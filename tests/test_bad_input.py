@@ -9,9 +9,7 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from femeta.cli import app
 from femeta.experiments import get_experiment
 from femeta.losses import error_after_m, iteration_surrogate
 from femeta.metasolvers import MLP
@@ -21,12 +19,6 @@ from femeta.runs import RunError, load_run, read_history
 from femeta.solvers import iccg, jacobi
 from femeta.training import TrainConfig
 from femeta.workflow import TrainOptions, load_metasolver, resume_training, train_metasolver
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +110,7 @@ def test_run_directories_are_checked(tmp_path, trained):
         read_history(tmp_path)
 
 
-def test_errors_are_one_line_without_traceback(tmp_path, trained):
+def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
@@ -164,7 +156,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained):
         assert len(result.output.strip().splitlines()) == 1, (args, result.output)
 
 
-def test_bad_toml_keys_are_reported(tmp_path):
+def test_bad_toml_keys_are_reported(tmp_path, invoke):
     config = tmp_path / "bad.toml"
     config.write_text("learning_rate = 3\n")
     result = invoke("train", "poisson1d", "--config", config, "--out", tmp_path / "r")
@@ -177,7 +169,7 @@ def test_bad_toml_keys_are_reported(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-def test_resume_errors(tmp_path, trained):
+def test_resume_errors(tmp_path, trained, invoke):
     cases = {
         ("train", "poisson1d", "--resume", trained): "completed run",
         ("train", "poisson1d", "--resume", tmp_path): "does not exist",
@@ -191,7 +183,7 @@ def test_resume_errors(tmp_path, trained):
         assert result.exit_code == 2 and message in result.output, (args, result.output)
 
 
-def test_reproduce_and_plot_reject_bad_options(tmp_path):
+def test_reproduce_and_plot_reject_bad_options(tmp_path, invoke):
     cases = {
         ("reproduce", "table3", "--jobs", "0"): "--jobs",
         ("reproduce", "table3", "--epochs", "0"): "--epochs",

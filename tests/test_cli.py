@@ -6,19 +6,10 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from femeta.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, invoke):
     out = tmp_path_factory.mktemp("runs") / "model"
     result = invoke("train", "poisson1d", "--loss", "surrogate", "--tol", "1e-4", "--m", "300",
                     "--epochs", "2", "--p", "0.01", "--out", out)  # fmt: skip
@@ -38,7 +29,7 @@ def test_train_writes_a_complete_run_directory(trained):
     assert len(json.loads((trained / "history.json").read_text())) == 2
 
 
-def test_evaluate_prints_one_json_object(trained):
+def test_evaluate_prints_one_json_object(trained, invoke):
     result = invoke("evaluate", "poisson1d", "--model", trained, "--tol", "1e-4", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -46,14 +37,14 @@ def test_evaluate_prints_one_json_object(trained):
     assert summary["n_tasks"] == 1000 and summary["p"] == 0.01
 
 
-def test_evaluate_baseline_matches_table3():
+def test_evaluate_baseline_matches_table3(invoke):
     result = invoke("evaluate", "poisson1d", "--baseline", "--tol", "1e-6", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert abs(summary["mean_iterations"] - 158.41) < 5 and summary["convergence_ratio"] == 1.0
 
 
-def test_progress_bar_renders(tmp_path, monkeypatch, capsys):
+def test_progress_bar_renders(tmp_path, monkeypatch, capsys, invoke):
     monkeypatch.setattr("femeta.cli.show_progress", lambda: True)
     result = invoke(
         "train", "poisson1d", "--loss", "m", "--m", "2", "--epochs", "2", "--out", tmp_path
@@ -61,7 +52,7 @@ def test_progress_bar_renders(tmp_path, monkeypatch, capsys):
     assert result.exit_code == 0, result.output
 
 
-def test_train_reads_a_toml_config(tmp_path):
+def test_train_reads_a_toml_config(tmp_path, invoke):
     config = tmp_path / "run.toml"
     config.write_text('loss = "m"\nm = 3\nepochs = 1\nbatch-size = 500\n')
     out = tmp_path / "run"
@@ -71,7 +62,7 @@ def test_train_reads_a_toml_config(tmp_path):
     assert (saved["loss"], saved["m"], saved["epochs"], saved["batch_size"]) == ("m", 3, 2, 500)
 
 
-def test_reproduce_table3_runs_end_to_end(tmp_path):
+def test_reproduce_table3_runs_end_to_end(tmp_path, invoke):
     result = invoke(
         "reproduce", "table3", "--epochs", "1", "--jobs", "1", "--json", "--out", tmp_path
     )
@@ -83,7 +74,7 @@ def test_reproduce_table3_runs_end_to_end(tmp_path):
     assert {"results.json", "figure1.png", "figure2.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
-def test_info_lists_the_stack():
+def test_info_lists_the_stack(invoke):
     result = invoke("info")
     assert result.exit_code == 0, result.output
     for key in ("femeta", "torch", "device", "dolfinx"):
@@ -91,12 +82,12 @@ def test_info_lists_the_stack():
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["reproduce"], ["info"]])
-def test_help_is_available(command):
+def test_help_is_available(command, invoke):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
 
 
-def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, invoke):
     options = ["--loss", "m", "--m", "5", "--epochs", "150", "--p", "0.01", "--seed", "3"]
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "femeta", "train", "poisson1d", *options]
@@ -128,7 +119,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     assert (killed / "config.json").exists()
 
 
-def test_plot_writes_training_curves_and_histograms(tmp_path, trained):
+def test_plot_writes_training_curves_and_histograms(tmp_path, trained, invoke):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.json", "model.safetensors", "history.json"):
