@@ -1,7 +1,7 @@
 """Losses on a solve: L_m (paper §2.2.1) and the surrogate of the iteration count (eq. 10).
 
 Each takes a :class:`~femeta.solvers.SolverResult` and returns one value per task;
-the trainer averages them.
+the trainer averages them. Experiments pick one by name (``--loss m|surrogate``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from femeta.solvers.base import SolverResult
 
-__all__ = ["LOSSES", "error_after_m", "iteration_surrogate"]
+__all__ = ["error_after_m", "iteration_surrogate"]
 
 
 def error_after_m(result: SolverResult) -> Tensor:
@@ -48,6 +48,3 @@ def iteration_surrogate(result: SolverResult, tol: float, gain: float = 1.0) -> 
     safe = torch.where(counted, history, torch.ones_like(history))
     indicator = torch.sigmoid(gain * (torch.log(safe) - math.log(tol)))
     return torch.where(counted, indicator, torch.zeros_like(indicator)).sum(dim=1)
-
-
-LOSSES = {"m": error_after_m, "surrogate": iteration_surrogate}
