@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from femeta._fenics import MissingFenicsError
+from femeta._io import write_atomic
 from femeta.experiments import EXPERIMENTS, get_experiment, resolve_device
 from femeta.training import EpochRecord
 from femeta.workflow import (
     TrainOptions,
+    baseline_metasolver,
     evaluate_metasolver,
     load_metasolver,
     resume_training,
@@ -117,28 +119,45 @@ def train_command(
         int | None,
         typer.Option(
             "--m",
-            help="Iterations of L_m, or the cap of the surrogate's solve. [default: 25 / 1000]",
+            help="Iterations of L_m, or the cap of the surrogate's solve. "
+            "[default: poisson1d 25 / 1000; elasticity 125 / N]",
         ),
     ] = None,
     tol: Annotated[
         float | None, typer.Option(help="Training tolerance eps of the surrogate. [default: 1e-6]")
     ] = None,
     p: Annotated[
-        float | None, typer.Option(help="Weight of the hard distribution P1. [default: 0]")
+        float | None,
+        typer.Option(help="poisson1d only: weight of the hard distribution P1. [default: 0]"),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs. [default: 2500]")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Training epochs. [default: poisson1d 2500, elasticity 200]"),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the data and the weights. [default: 0]")
     ] = None,
     gain: Annotated[
         float | None, typer.Option(help="Sigmoid gain a of the surrogate (log space). [default: 1]")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Tasks per step. [default: 256]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate. [default: 0.01]")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Tasks per step. [default: poisson1d 256, elasticity 128]")
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Adam learning rate. [default: poisson1d 0.01, elasticity 0.001]"),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
     ] = None,
+    monitor: Annotated[
+        bool,
+        typer.Option(
+            help="Also record the mean iterations on the validation tasks after each epoch "
+            "(one more validation solve per epoch)."
+        ),
+    ] = True,
     device: Device = "auto",
 ) -> None:
     """Train a meta-solver and save it to a run directory."""
@@ -189,14 +208,15 @@ def train_command(
 
         try:
             if resume is None:
-                progress.update(bar, total=options.epochs)
+                schedule = get_experiment(problem).train_config(options.epochs, None, None, 0)
+                progress.update(bar, total=schedule.epochs)
                 _, _, result = train_metasolver(
-                    options, out, advance, checkpoint_seconds, True, device
+                    options, out, advance, checkpoint_seconds, monitor, device
                 )
             else:
                 out = resume
                 _, _, result = resume_training(
-                    resume, problem, advance, checkpoint_seconds, True, device
+                    resume, problem, advance, checkpoint_seconds, monitor, device
                 )
         except KeyboardInterrupt:
             typer.echo(
@@ -217,8 +237,12 @@ def evaluate_command(
         Path | None, typer.Option(help="Run directory written by `femeta train`.")
     ] = None,
     baseline: Annotated[
-        bool, typer.Option("--baseline", help="Evaluate Psi_base instead of a model.")
-    ] = False,
+        str | None,
+        typer.Option(
+            help="Evaluate a baseline instead of a model: 'base' (Psi_base), or for "
+            "elasticity 'best' (per-task grid search over alpha, slow)."
+        ),
+    ] = None,
     tol: Annotated[float, typer.Option(help="Test tolerance eps.")] = 1e-6,
     p: Annotated[
         float | None,
@@ -235,8 +259,11 @@ def evaluate_command(
 ) -> None:
     """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
     check_problem(problem)
-    if (model is None) == (not baseline):
-        raise UsageError("give exactly one of --model RUN_DIR or --baseline")
+    if (model is None) == (baseline is None):
+        raise UsageError("give exactly one of --model RUN_DIR or --baseline {base,best}")
+    kinds = ("base", "best") if problem == "elasticity" else ("base",)
+    if baseline is not None and baseline not in kinds:
+        raise UsageError(f"--baseline for {problem} must be one of {list(kinds)}, got {baseline!r}")
     if not (tol > 0 and tol < 1):
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     if max_iterations is not None and max_iterations < 1:
@@ -244,18 +271,19 @@ def evaluate_command(
     if model is not None:
         experiment, metasolver = load_metasolver(model, problem, p, device)
     else:
-        experiment = get_experiment(
-            problem, p=0.0 if p is None else p, device=resolve_device(device)
-        )
-        metasolver = experiment.metasolver("base")
+        params = {} if p is None else {"p": p}
+        experiment = get_experiment(problem, **params, device=resolve_device(device))
+        metasolver = baseline_metasolver(experiment, baseline, seed)
     stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations)
-    summary = {"problem": problem, "model": str(model) if model else "base", "p": experiment.p}
+    task_p = getattr(experiment, "p", None)
+    summary = {"problem": problem, "model": str(model) if model else baseline, "p": task_p}
     summary |= stats.summary()
     if as_json:
         typer.echo(json.dumps(summary))
         return
+    where = problem if task_p is None else f"{problem} (p = {task_p})"
     typer.echo(
-        f"{summary['model']} on {problem} (p = {experiment.p}), tol {tol:g}: "
+        f"{summary['model']} on {where}, tol {tol:g}, cap {stats.max_iterations}: "
         f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
         f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
     )
@@ -304,6 +332,56 @@ def table3_command(
             typer.echo(f"wrote {out}/results.json, {out}/figure1.png, {out}/figure2.png")
 
 
+@reproduce_app.command("table2")
+@friendly
+def table2_command(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="5 epochs per training instead of 200.")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override the epochs of every run.")] = None,
+    max_iterations: Annotated[
+        int | None,
+        typer.Option(help="Cap M of the test solves and of the surrogate's training. [default: N]"),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Rows computed in parallel (processes).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON object.")
+    ] = False,
+) -> None:
+    """Table 2: the ICCG shift on clamped beams, L_m against L~_eps, beside Psi_base/best."""
+    from femeta import reproduce
+
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if max_iterations is not None and max_iterations < 1:
+        raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
+    budget = reproduce.table2_budget(quick, epochs)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=as_json or not show_progress(),
+    )
+    with progress:
+        bar = progress.add_task("table 2", total=len(reproduce.table2_grid()))
+        results = reproduce.run_table2(
+            budget, seed, jobs, max_iterations, lambda: progress.advance(bar)
+        )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out) / "results.json", json.dumps(results, indent=1).encode())
+    if as_json:
+        typer.echo(json.dumps(results))
+    else:
+        Console().print(reproduce.table2_rich(results))
+        if out is not None:
+            typer.echo(f"wrote {out}/results.json")
+
+
 @app.command("plot")
 @friendly
 def plot_command(
@@ -319,7 +397,7 @@ def plot_command(
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     problem = run_problem(run_dir)
     experiment, metasolver = load_metasolver(run_dir, problem)
-    baseline = experiment.metasolver("base")
+    baseline = baseline_metasolver(experiment, "base", seed)
     iterations = {
         "Psi_base": evaluate_metasolver(experiment, baseline, tol, seed).iterations,
         f"Psi_nn ({run_dir.name})": evaluate_metasolver(

@@ -8,20 +8,29 @@ maps a problem name (as used on the command line) to its experiment class.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from femeta.losses import error_after_m, iteration_surrogate
-from femeta.metasolvers import EigenbasisGuess, ZeroGuess
+from femeta.losses import error_after_m, icf_penalty, iteration_surrogate
+from femeta.metasolvers import ConstantShift, EigenbasisGuess, ShiftGrid, ShiftNet, ZeroGuess
 from femeta.problems.base import TaskSet
+from femeta.problems.elasticity import ElasticBeam
 from femeta.problems.poisson1d import Poisson1D
 from femeta.solvers import SolverResult, jacobi
-from femeta.training import Objective
+from femeta.solvers.iccg import IccgResult, iccg
+from femeta.training import Objective, TrainConfig
 
-__all__ = ["EXPERIMENTS", "Poisson1DJacobi", "get_experiment", "resolve_device"]
+__all__ = [
+    "EXPERIMENTS",
+    "ElasticityIccg",
+    "Experiment",
+    "Poisson1DJacobi",
+    "get_experiment",
+    "resolve_device",
+]
 
 
 @dataclass
@@ -60,8 +69,25 @@ class Poisson1DJacobi:
     def tasks(self, split: str, seed: int) -> TaskSet:
         return self.problem.split(split, seed).to(self.device)
 
-    def metasolver(self, kind: str) -> nn.Module:
-        """``base`` (Psi_base, the zero guess) or ``nn`` (Psi_nn of Appendix C.1)."""
+    def default_m(self, loss: str) -> int:
+        """``m`` when none is given: 25 for L_m, :attr:`surrogate_cap` for the surrogate."""
+        return 25 if loss == "m" else self.surrogate_cap
+
+    def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
+                     seed: int) -> TrainConfig:  # fmt: skip
+        """Appendix C.1: Adam (betas 0.999), lr 0.01 cut by 5 on a 100-epoch plateau."""
+        return TrainConfig(
+            epochs=2500 if epochs is None else epochs,
+            batch_size=256 if batch_size is None else batch_size,
+            lr=0.01 if lr is None else lr,
+            seed=seed,
+        )
+
+    def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
+        """``base`` (Psi_base, the zero guess) or ``nn`` (Psi_nn of Appendix C.1).
+
+        Neither needs the training tasks; ``train_tasks`` is accepted and unused.
+        """
         if kind == "base":
             return ZeroGuess(self.n).to(self.device)
         if kind == "nn":
@@ -94,7 +120,168 @@ class Poisson1DJacobi:
         raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
 
 
-EXPERIMENTS: dict[str, Callable[..., Poisson1DJacobi]] = {"poisson1d": Poisson1DJacobi}
+@dataclass
+class ElasticityIccg:
+    """The diagonal shift of ICCG on clamped-beam tasks (§4.2, Table 2, Appendix C.3).
+
+    The error measure is the relative residual. A task whose IC(0) fails counts
+    as the cap and is not iterated; in training it costs ``gamma * (-log alpha)``
+    instead of the solve loss (``1_success L + gamma 1_fail L_ICF``).
+    """
+
+    name: ClassVar[str] = "elasticity"
+    solver_name: ClassVar[str] = "iccg"
+    predicts: ClassVar[str] = "alpha, the diagonal shift of IC(0) relative to diag(A)"
+    features: ClassVar[str] = "W, lambda, mu, rho, ||A||_1, ||A||_inf, ||A||_F (log, standardised)"
+    #: The ICF penalty weight of §4.2.
+    gamma: ClassVar[float] = 500.0
+    #: The log grid of Psi_best and Psi_base: 31 shifts from 1e-5 to 10.
+    alpha_grid: ClassVar[Tensor] = torch.logspace(-5, 1, 31, dtype=torch.float64)
+
+    cells: tuple[int, int, int] = (8, 2, 2)
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
+    problem: ElasticBeam = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.cells = tuple(self.cells)
+        self.problem = ElasticBeam(self.cells)
+
+    @property
+    def evaluation_cap(self) -> int:
+        """The paper's cap ``M = N`` (a failed or unconverged solve counts as ``M``)."""
+        return self.problem.n
+
+    @property
+    def surrogate_cap(self) -> int:
+        return self.problem.n
+
+    def params(self) -> dict[str, Any]:
+        return {"cells": list(self.cells)}
+
+    def tasks(self, split: str, seed: int) -> TaskSet:
+        return self.problem.split(split, seed).to(self.device)
+
+    def default_m(self, loss: str) -> int:
+        """``m`` when none is given: 125 (Table 2's best) for L_m, ``N`` for the surrogate."""
+        return 125 if loss == "m" else self.surrogate_cap
+
+    def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
+                     seed: int) -> TrainConfig:  # fmt: skip
+        """Appendix C.3: Adam, batch 128, lr 1e-3 cut by 5 at 1/2 and 3/4 of 200 epochs."""
+        epochs = 200 if epochs is None else epochs
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=128 if batch_size is None else batch_size,
+            lr=1e-3 if lr is None else lr,
+            betas=(0.9, 0.999),
+            schedule="steps",
+            milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
+            seed=seed,
+        )
+
+    def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
+        """``base`` (constant alpha), ``best`` (per-task grid search) or ``nn`` (the MLP).
+
+        ``base`` is fitted on ``train_tasks`` (:meth:`base_shift`) and ``nn``
+        standardises its inputs with their features; without them ``nn`` starts
+        unstandardised (for loading saved weights) and ``base`` cannot be built.
+        """
+        if kind == "base":
+            if train_tasks is None:
+                raise ValueError("Psi_base is fitted on the training tasks; pass train_tasks")
+            return ConstantShift(self.base_shift(train_tasks)).to(self.device)
+        if kind == "best":
+            return ShiftGrid(self.alpha_grid).to(self.device)
+        if kind == "nn":
+            network = ShiftNet(len(ElasticBeam.feature_names), (128, 128))
+            network.log_range.copy_(self.alpha_grid[[0, -1]].log())
+            if train_tasks is not None:
+                network.fit_inputs(train_tasks["features"])
+            return network.to(self.device)
+        raise ValueError(
+            f"unknown meta-solver {kind!r} for {self.name}; expected 'base', 'best' or 'nn'"
+        )
+
+    def base_shift(self, tasks: TaskSet) -> float:
+        """The smallest grid shift at and above which IC(0) succeeds on every task.
+
+        The grid is scanned downwards and stops at the first shift that fails a task.
+        """
+        chosen = None
+        for alpha in self.alpha_grid.flip(0).tolist():
+            result = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=0)
+            if bool(result.factorization_failed.any()):
+                break
+            chosen = alpha
+        if chosen is None:
+            raise ValueError(f"IC(0) fails on some task even at alpha = {self.alpha_grid[-1]:g}")
+        return chosen
+
+    def solve(
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float | None, max_iterations: int
+    ) -> IccgResult:
+        """Phi(tau; Psi(tau)): ICCG with the meta-solver's shift, from a zero guess."""
+        if isinstance(metasolver, ShiftGrid):
+            return self._best(metasolver.grid, tasks, tol, max_iterations)
+        alpha = metasolver(tasks["features"])
+        return iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=max_iterations)
+
+    def _best(self, grid: Tensor, tasks: TaskSet, tol: float | None, cap: int) -> IccgResult:
+        """Psi_best: per task, the grid shift's solve with the fewest iterations.
+
+        Ties go to the smaller shift. The solves are kept, not repeated: on
+        ill-conditioned beams a repeat in another batch can round differently.
+        """
+        if tol is None:
+            raise ValueError("Psi_best minimises iterations to a tolerance; give one")
+        best: list[Tensor] = []
+        best_counts = torch.empty(0)
+        for alpha in grid.tolist():
+            result = iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=cap)
+            counts = torch.where(result.converged, result.iterations, cap + 1)
+            parts = [getattr(result, f.name) for f in fields(result)]
+            parts[2] = nn.functional.pad(parts[2], (0, cap + 1 - parts[2].shape[1]))  # history
+            if not best:
+                best, best_counts = parts, counts
+                continue
+            better = counts < best_counts
+            best_counts = torch.where(better, counts, best_counts)
+            best = [
+                torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
+                for new, old in zip(parts, best, strict=True)
+            ]
+        longest = int(best[1].max()) + 1
+        best[2] = best[2][:, :longest].contiguous()
+        return IccgResult(*best)
+
+    def objective(self, loss: str, m: int, tol: float | None, gain: float = 1.0) -> Objective:
+        """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate."""
+        if loss not in ("m", "surrogate"):
+            raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
+        if loss == "surrogate" and tol is None:
+            raise ValueError("the surrogate loss needs a training tolerance (--tol)")
+
+        def value(psi: nn.Module, tasks: TaskSet) -> Tensor:
+            alpha = psi(tasks["features"])
+            if loss == "m":
+                result = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=m)
+                solve_loss = error_after_m(result, squared=False)
+            else:
+                result = iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=m)
+                solve_loss = iteration_surrogate(result, tol, gain)
+            penalty = self.gamma * icf_penalty(alpha)
+            return torch.where(result.factorization_failed, penalty, solve_loss)
+
+        return value
+
+
+Experiment = Poisson1DJacobi | ElasticityIccg
+
+EXPERIMENTS: dict[str, Callable[..., Experiment]] = {
+    "poisson1d": Poisson1DJacobi,
+    "elasticity": ElasticityIccg,
+}
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -112,8 +299,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def get_experiment(name: str, **params: Any) -> Poisson1DJacobi:
+def get_experiment(name: str, **params: Any) -> Experiment:
     """The experiment registered under ``name``, built with ``params``."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown problem {name!r}; expected one of {sorted(EXPERIMENTS)}")
-    return EXPERIMENTS[name](**params)
+    factory = EXPERIMENTS[name]
+    allowed = {f.name for f in fields(factory) if f.init}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{name} takes no option {', '.join(unknown)}; its options: {sorted(allowed)}"
+        )
+    return factory(**params)

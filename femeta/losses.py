@@ -13,16 +13,23 @@ from torch import Tensor
 
 from femeta.solvers.base import SolverResult
 
-__all__ = ["error_after_m", "iteration_surrogate"]
+__all__ = ["error_after_m", "icf_penalty", "iteration_surrogate"]
 
 
-def error_after_m(result: SolverResult) -> Tensor:
-    """L_m: the squared error measure at the last iterate of a fixed-``m`` solve.
+def error_after_m(result: SolverResult, squared: bool = True) -> Tensor:
+    """L_m: the error measure at the last iterate of a fixed-``m`` solve.
 
-    For the Poisson tasks the measure is the relative error, so this is
-    ``||u^(m) - A^{-1} f||^2 / ||A^{-1} f||^2`` exactly as in §2.2.1.
+    For the Poisson tasks the measure is the relative error and it is squared,
+    ``||u^(m) - A^{-1} f||^2 / ||A^{-1} f||^2`` as in §2.2.1; for ICCG (§4.2)
+    it is the relative residual ``||A u^(m) - f|| / ||f||``, not squared.
     """
-    return result.final_error.square()
+    error = result.final_error
+    return error.square() if squared else error
+
+
+def icf_penalty(alpha: Tensor) -> Tensor:
+    """L_ICF of §4.2, ``-log alpha``: pushes the shift up where IC(0) failed."""
+    return -torch.log(alpha)
 
 
 def iteration_surrogate(result: SolverResult, tol: float, gain: float = 1.0) -> Tensor:

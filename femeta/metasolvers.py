@@ -7,12 +7,21 @@ features ``(B, F)`` and returns the parameter for each task.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "MLP", "EigenbasisGuess", "ZeroGuess"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "ConstantShift",
+    "EigenbasisGuess",
+    "ShiftGrid",
+    "ShiftNet",
+    "ZeroGuess",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -69,3 +78,72 @@ class EigenbasisGuess(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.network(features) @ self.basis.T
+
+
+class ConstantShift(nn.Module):
+    """Psi_base of §4.2: one diagonal shift ``alpha`` for every task."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.alpha.expand(features.shape[0])
+
+
+class ShiftGrid(nn.Module):
+    """Psi_best of §4.2: a per-task brute-force search over a log grid of ``alpha``.
+
+    It has no forward pass of its own: the search needs the solver, so the
+    experiment runs it (the grid is kept here, as a buffer).
+    """
+
+    def __init__(self, grid: Tensor):
+        super().__init__()
+        if grid.dim() != 1 or not bool((grid > 0).all()):
+            raise ValueError("the grid must be a 1D tensor of positive shifts")
+        self.register_buffer("grid", grid.to(torch.float64))
+
+    def forward(self, features: Tensor) -> Tensor:
+        raise TypeError("Psi_best needs the solver; call the experiment's solve() with it")
+
+
+class ShiftNet(nn.Module):
+    """Psi_nn of §4.2 / Appendix C.3: task features to a diagonal shift ``alpha``.
+
+    The features (all positive) are taken in log space and standardised with
+    the statistics of the training tasks (:meth:`fit_inputs`; saved as
+    buffers). An MLP (ReLU) ends in a sigmoid ``s``, and
+    ``alpha = low * (high / low) ** s``, so the output spans ``[low, high]``
+    evenly in ``log alpha``.
+    """
+
+    def __init__(
+        self,
+        inputs: int,
+        hidden: Sequence[int] = (128, 128),
+        alpha_range: tuple[float, float] = (1e-5, 10.0),
+    ):
+        super().__init__()
+        low, high = alpha_range
+        if not 0 < low < high < math.inf:
+            raise ValueError(f"alpha_range must satisfy 0 < low < high, got {alpha_range!r}")
+        self.network = MLP(inputs, hidden, 1, "relu")
+        self.register_buffer("log_range", torch.tensor([math.log(low), math.log(high)]).double())
+        self.register_buffer("mean", torch.zeros(inputs, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(inputs, dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit_inputs(self, features: Tensor) -> None:
+        """Set the standardisation from the training tasks' features ``(B, F)``."""
+        logs = features.to(self.mean).log()
+        self.mean.copy_(logs.mean(dim=0))
+        self.scale.copy_(logs.std(dim=0).clamp_min(1e-12))
+
+    def forward(self, features: Tensor) -> Tensor:
+        inputs = (features.log() - self.mean) / self.scale
+        share = torch.sigmoid(self.network(inputs)[:, 0])
+        low, high = self.log_range
+        return torch.exp(low + share * (high - low))

@@ -1,4 +1,5 @@
-"""Reproduce the paper's Table 3 and Figures 1-2 (Jacobi initial guesses on 1D Poisson)."""
+"""Reproduce the paper's tables: Table 3 and Figures 1-2 (Jacobi initial guesses on 1D
+Poisson) and Table 2 (the ICCG shift on clamped beams)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ from rich.table import Table
 from femeta._io import write_atomic
 from femeta.plots import save_figure
 
-__all__ = ["run_table3", "save_table3", "table3_budget", "table3_grid", "table3_rich"]
+__all__ = [
+    "run_table2",
+    "run_table3",
+    "save_table3",
+    "table2_budget",
+    "table2_grid",
+    "table2_rich",
+    "table3_budget",
+    "table3_grid",
+    "table3_rich",
+]
 
 TEST_TOLERANCES = (1e-2, 1e-4, 1e-6, 1e-8)
 MIXTURES = (0.0, 0.01)
@@ -181,3 +192,129 @@ def save_table3(results: dict[str, Any], out: Path) -> None:
         axes.set_xlabel("iterations to eps = 1e-6")
     figure.tight_layout()
     save_figure(figure, out / "figure2.png")
+
+
+TABLE2_EPOCHS, TABLE2_QUICK_EPOCHS = 200, 5
+
+#: Table 2 of the paper: mean ICCG iterations to eps = 1e-6 (cap N = 243) and convergence ratio.
+PAPER_TABLE2: dict[str, tuple[float, float]] = {
+    "base": (115.26, 0.864),
+    "best": (44.53, 1.00),
+    "m=1": (204.93, 0.394),
+    "m=5": (183.90, 0.626),
+    "m=25": (193.80, 0.410),
+    "m=125": (77.08, 1.00),
+    "m=243": (201.65, 0.420),
+    "eps=1e-06": (52.02, 0.999),
+}
+
+
+def table2_grid() -> list[dict[str, Any]]:
+    """Every row of Table 2: Psi_base, Psi_best, L_m for five m and L~_eps (eps = 1e-6)."""
+    rows: list[dict[str, Any]] = [
+        {"label": "base", "loss": None, "kind": "base"},
+        {"label": "best", "loss": None, "kind": "best"},
+    ]
+    rows += [{"label": f"m={m}", "loss": "m", "m": m} for m in (1, 5, 25, 125, 243)]
+    rows.append({"label": "eps=1e-06", "loss": "surrogate", "tol": 1e-6})
+    return rows
+
+
+def table2_budget(quick: bool, epochs: int | None) -> int:
+    """Epochs per training run: the paper's 200, the quick budget, or an override."""
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        return epochs
+    return TABLE2_QUICK_EPOCHS if quick else TABLE2_EPOCHS
+
+
+def _run_table2_row(row: dict[str, Any], epochs: int, seed: int, cap: int | None) -> dict:
+    """Fit or train one row, then evaluate it at eps = 1e-6 with the cap; in a worker."""
+    import time
+
+    import torch
+
+    from femeta.experiments import get_experiment
+    from femeta.workflow import (
+        TrainOptions,
+        baseline_metasolver,
+        evaluate_metasolver,
+        train_metasolver,
+    )
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if row["loss"] is None:
+        experiment = get_experiment("elasticity")
+        metasolver = baseline_metasolver(experiment, row["kind"], seed)
+    else:
+        m = row.get("m", cap)  # the surrogate trains with the cap it is tested with
+        options = TrainOptions(
+            problem="elasticity", loss=row["loss"], m=m, tol=1e-6, epochs=epochs, seed=seed
+        )
+        experiment, metasolver, _ = train_metasolver(options)
+    stats = evaluate_metasolver(experiment, metasolver, 1e-6, seed, cap)
+    alpha = None
+    if row.get("kind") != "best":
+        alpha = metasolver(experiment.tasks("test", seed)["features"]).detach().cpu()
+    return row | {
+        "mean": stats.mean_iterations,
+        "std": stats.std_iterations,
+        "convergence_ratio": stats.convergence_ratio,
+        "max_iterations": stats.max_iterations,
+        "median_alpha": None if alpha is None else float(alpha.median()),
+        "paper": list(PAPER_TABLE2[row["label"]]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_table2(
+    epochs: int,
+    seed: int = 0,
+    jobs: int = 2,
+    max_iterations: int | None = None,
+    advance: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Fit, train and evaluate every row of Table 2, ``jobs`` at a time.
+
+    ``max_iterations`` is the cap of the test solves and of the surrogate's
+    training solves (``None``: the paper's ``N``); the paper's numbers are for ``N``.
+    """
+    grid = table2_grid()
+    # The expensive rows first (the grid search, then the long solves), so the pool stays busy.
+    cost = {"best": 0, "eps=1e-06": 1, "m=243": 2, "m=125": 3}
+    order = sorted(range(len(grid)), key=lambda i: cost.get(grid[i]["label"], 9))
+    context = multiprocessing.get_context("spawn")
+    rows: list[dict[str, Any] | None] = [None] * len(grid)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_table2_row, grid[i], epochs, seed, max_iterations): i for i in order
+        }
+        for future in concurrent.futures.as_completed(futures):
+            rows[futures[future]] = future.result()
+            if advance is not None:
+                advance()
+    return {"epochs": epochs, "seed": seed, "tol": 1e-6, "rows": rows}
+
+
+def table2_rich(results: dict[str, Any]) -> Table:
+    """The measured table beside the paper's numbers (the paper's are for the cap N)."""
+    cap = results["rows"][0]["max_iterations"]
+    table = Table(
+        title=f"Table 2: ICCG iterations to eps = 1e-6 on the test tasks, cap {cap} "
+        f"({results['epochs']} epochs)"
+    )
+    for name in ("Psi / training", "iterations", "convergence", "median alpha", "paper"):
+        table.add_column(name, justify="left" if name == "Psi / training" else "right")
+    for row in results["rows"]:
+        alpha = "-" if row["median_alpha"] is None else f"{row['median_alpha']:.3g}"
+        paper = f"{row['paper'][0]:.2f} / {row['paper'][1]:.3f}"
+        table.add_row(
+            row["label"],
+            f"{row['mean']:.2f} ± {row['std']:.2f}",
+            f"{row['convergence_ratio']:.3f}",
+            alpha,
+            paper,
+        )
+    return table

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,11 @@ from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment, resolve_device
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
-from femeta.training import EpochRecord, TrainConfig, TrainResult, train
+from femeta.training import EpochRecord, TrainResult, train
 
 __all__ = [
     "TrainOptions",
+    "baseline_metasolver",
     "evaluate_metasolver",
     "load_metasolver",
     "resume_training",
@@ -32,32 +33,35 @@ CHECKPOINT = "checkpoint.pt"
 class TrainOptions:
     """Everything that defines a training run; saved with the model.
 
-    ``m`` is the fixed iteration count of L_m, or the cap of Phi_{eps,m} for the
-    surrogate; ``None`` picks the experiment's default (25 for L_m, its
-    ``surrogate_cap`` for the surrogate).
+    ``None`` picks the experiment's default: for ``m`` (the fixed iteration
+    count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
+    ``default_m``; for ``epochs``, ``batch_size`` and ``lr`` its
+    ``train_config`` (the paper's settings). ``p`` is an option of
+    ``poisson1d`` only. :func:`train_metasolver` saves the resolved values.
     """
 
     problem: str = "poisson1d"
     loss: str = "surrogate"
     m: int | None = None
     tol: float = 1e-6
-    p: float = 0.0
-    epochs: int = 2500
+    p: float | None = None
+    epochs: int | None = None
     seed: int = 0
     gain: float = 1.0
-    batch_size: int = 256
-    lr: float = 0.01
+    batch_size: int | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size"):
             value = getattr(self, name)
-            if not (value is None and name == "m") and (
+            if not (value is None and name != "seed") and (
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("tol", "p", "gain", "lr"):
-            if isinstance(getattr(self, name), bool | str):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool | str) or (value is None and name in ("tol", "gain")):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
         if not (self.tol > 0 and self.tol < 1):
@@ -67,10 +71,10 @@ class TrainOptions:
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
 
-    def iterations(self, default_cap: int) -> int:
-        if self.m is not None:
-            return self.m
-        return 25 if self.loss == "m" else default_cap
+
+def _experiment(options: TrainOptions, device: str | torch.device) -> Any:
+    params = {} if options.p is None else {"p": options.p}
+    return get_experiment(options.problem, **params, device=resolve_device(device))
 
 
 def train_metasolver(
@@ -131,17 +135,22 @@ def _train(
     monitor_iterations: bool,
     device: str | torch.device,
 ) -> tuple[Any, nn.Module, TrainResult]:
-    experiment = get_experiment(options.problem, p=options.p, device=resolve_device(device))
+    experiment = _experiment(options, device)
+    config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
+    options = replace(
+        options,
+        m=experiment.default_m(options.loss) if options.m is None else options.m,
+        p=experiment.params().get("p"),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+    )
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
-    m = options.iterations(experiment.surrogate_cap)
     tol = options.tol if options.loss == "surrogate" else None
-    objective = experiment.objective(options.loss, m, tol, options.gain)
-    config = TrainConfig(
-        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed
-    )
+    objective = experiment.objective(options.loss, options.m, tol, options.gain)
     torch.manual_seed(options.seed)
-    metasolver = experiment.metasolver("nn")
+    metasolver = experiment.metasolver("nn", train_tasks)
     monitor = None
     if monitor_iterations:
 
@@ -203,6 +212,8 @@ def load_metasolver(
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
     if p is not None:
+        if "p" not in params:
+            raise RunError(f"--p applies to poisson1d only; {run_dir} is a {problem!r} model")
         params["p"] = p
     try:
         experiment = get_experiment(problem, **params, device=device)
@@ -212,6 +223,12 @@ def load_metasolver(
     restore(metasolver, state, Path(run_dir))
     metasolver.eval()
     return experiment, metasolver
+
+
+def baseline_metasolver(experiment: Any, kind: str, seed: int = 0) -> nn.Module:
+    """A baseline meta-solver (``base``, or ``best`` where there is one), fitted on the
+    training split of ``seed`` where it needs data."""
+    return experiment.metasolver(kind, experiment.tasks("train", seed))
 
 
 @torch.no_grad()

@@ -144,9 +144,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("evaluate", "poisson1d", "--model", wrong_problem): "model for 'elasticity'",
         ("evaluate", "poisson1d", "--model", bad_weights): "corrupt",
         ("evaluate", "poisson1d"): "exactly one of",
-        ("evaluate", "poisson1d", "--baseline", "--tol", "0"): "tolerance",
-        ("evaluate", "poisson1d", "--baseline", "--tol", "nan"): "tolerance",
-        ("evaluate", "nope", "--baseline"): "unknown problem",
+        ("evaluate", "poisson1d", "--baseline", "base", "--tol", "0"): "tolerance",
+        ("evaluate", "poisson1d", "--baseline", "base", "--tol", "nan"): "tolerance",
+        ("evaluate", "nope", "--baseline", "base"): "unknown problem",
     }
     for args, message in cases.items():
         result = invoke(*args)
@@ -189,9 +189,16 @@ def test_reproduce_and_plot_reject_bad_options(tmp_path, invoke):
         ("reproduce", "table3", "--epochs", "0"): "--epochs",
         ("plot", tmp_path / "missing"): "does not exist",
         ("plot", tmp_path, "--tol", "2"): "tolerance",
-        ("evaluate", "poisson1d", "--baseline", "--max-iterations", "0"): "--max-iterations",
-        ("evaluate", "poisson1d", "--baseline", "--p", "nan"): "probability",
-        ("evaluate", "poisson1d", "--baseline", "--device", "tpu"): "unknown device",
+        (
+            "evaluate",
+            "poisson1d",
+            "--baseline",
+            "base",
+            "--max-iterations",
+            "0",
+        ): "--max-iterations",
+        ("evaluate", "poisson1d", "--baseline", "base", "--p", "nan"): "probability",
+        ("evaluate", "poisson1d", "--baseline", "base", "--device", "tpu"): "unknown device",
         ("train", "poisson1d", "--device", "gpu0", "--out", tmp_path / "d"): "unknown device",
     }
     for args, message in cases.items():

@@ -38,7 +38,7 @@ def test_evaluate_prints_one_json_object(trained, invoke):
 
 
 def test_evaluate_baseline_matches_table3(invoke):
-    result = invoke("evaluate", "poisson1d", "--baseline", "--tol", "1e-6", "--json")
+    result = invoke("evaluate", "poisson1d", "--baseline", "base", "--tol", "1e-6", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert abs(summary["mean_iterations"] - 158.41) < 5 and summary["convergence_ratio"] == 1.0
@@ -133,3 +133,51 @@ def test_plot_writes_training_curves_and_histograms(tmp_path, trained, invoke):
     assert result.exit_code == 2 and "history.json is not valid JSON" in result.output
     result = invoke("plot", tmp_path / "nothing")
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.fixture(scope="module")
+def beam_model(tmp_path_factory, invoke):
+    """A 1-epoch L_m (m = 1) elasticity run: the cheapest training through ICCG."""
+    out = tmp_path_factory.mktemp("runs") / "beam"
+    result = invoke("train", "elasticity", "--loss", "m", "--m", "1", "--epochs", "1",
+                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_elasticity_saves_the_paper_defaults(beam_model):
+    config = json.loads((beam_model / "config.json").read_text())
+    assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
+    assert config["problem_params"] == {"cells": [8, 2, 2]}
+    options = config["options"]
+    assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
+    assert options["lr"] == 1e-3 and options["p"] is None
+    assert config["train_config"]["schedule"] == "steps"
+
+
+def test_evaluate_elasticity_json_has_the_poisson_keys_and_the_cap(beam_model, invoke):
+    result = invoke("evaluate", "elasticity", "--model", beam_model, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {"problem", "model", "p", "mean_iterations", "std_iterations", "convergence_ratio",
+            "n_tasks", "tol", "max_iterations"} <= set(summary)  # fmt: skip
+    assert summary["n_tasks"] == 1000 and summary["max_iterations"] == 243
+    assert 0 < summary["mean_iterations"] <= 243
+    result = invoke("evaluate", "elasticity", "--model", beam_model, "--max-iterations", "300",
+                    "--json", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_iterations"] == 300
+
+
+def test_elasticity_option_errors(beam_model, trained, invoke):
+    cases = {
+        ("evaluate", "elasticity", "--model", trained): "model for 'poisson1d'",
+        ("evaluate", "elasticity", "--model", beam_model, "--p", "0.1"): "poisson1d only",
+        ("evaluate", "poisson1d", "--baseline", "best"): "must be one of ['base']",
+        ("evaluate", "elasticity", "--baseline", "worst"): "must be one of ['base', 'best']",
+        ("train", "elasticity", "--p", "0.1", "--out", beam_model.parent / "p"): "no option p",
+    }
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)

@@ -56,7 +56,7 @@ def test_the_mesh_is_really_distributed():
 def test_cli_under_mpiexec_prints_one_result():
     mpiexec = Path(sys.executable).parent / "mpiexec"
     command = [str(mpiexec), "-n", "2", sys.executable, "-m", "femeta", "evaluate", "poisson1d",
-               "--baseline", "--tol", "1e-2", "--json"]  # fmt: skip
+               "--baseline", "base", "--tol", "1e-2", "--json"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

@@ -1,0 +1,171 @@
+"""The experiments' glue: the beam/ICCG losses, baselines and defaults, and option checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from femeta._fenics import has_dolfinx
+from femeta.experiments import ElasticityIccg, Poisson1DJacobi, get_experiment
+from femeta.losses import iteration_surrogate
+from femeta.metasolvers import ConstantShift, ShiftGrid, ShiftNet
+from femeta.solvers.iccg import iccg
+
+needs_dolfinx = pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx to assemble")
+
+
+class LogShift(nn.Module):
+    """One learnable shift for every task, parametrised by its logarithm."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha), dtype=torch.float64))
+
+    def forward(self, features):
+        return self.log_alpha.exp().expand(features.shape[0])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return ElasticityIccg()
+
+
+@pytest.fixture(scope="module")
+def tasks(experiment):
+    if not has_dolfinx():
+        pytest.skip("needs DOLFINx to assemble")
+    from femeta.problems.elasticity import ElasticBeam
+
+    return ElasticBeam(cache=False).sample(16, seed=11)
+
+
+def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks):
+    objective = experiment.objective("surrogate", 243, 1e-6)
+    psi = LogShift(1e-4)  # below the failure threshold of the slender beams only
+    loss = objective(psi, tasks)
+    # The same shift (exp(log 1e-4) is not 1e-4 to the last bit) and the same path: with
+    # a tangent, rounding differs, and ill-conditioned solves move by an iteration or two.
+    alpha = psi(tasks["features"]).detach().requires_grad_()
+    result = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
+    failed = result.factorization_failed
+    assert 0 < int(failed.sum()) < 16
+    penalty = torch.full((16,), 500 * math.log(1e4), dtype=torch.float64)
+    expected = torch.where(failed, penalty, iteration_surrogate(result, 1e-6))
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    loss[failed].sum().backward()
+    # d(-500 log alpha) / d(log alpha) = -500 per failed task: the penalty pushes alpha up.
+    expected_grad = torch.tensor(-500.0 * int(failed.sum()), dtype=torch.float64)
+    torch.testing.assert_close(psi.log_alpha.grad, expected_grad)
+
+
+@pytest.mark.parametrize("loss", ["surrogate", "m"])
+def test_objective_on_successful_solves_is_the_solve_loss(experiment, tasks, loss):
+    psi = LogShift(1.0)  # IC(0) of A + diag(A) succeeds on every beam
+    objective = experiment.objective(loss, 243 if loss == "surrogate" else 25, 1e-6)
+    value = objective(psi, tasks)
+    alpha = torch.ones(16, dtype=torch.float64, requires_grad=True)
+    if loss == "surrogate":
+        expected = iteration_surrogate(
+            iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243), 1e-6
+        )
+    else:  # the relative residual after m iterations, not squared (§4.2)
+        expected = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25).final_error
+    torch.testing.assert_close(value.detach(), expected.detach())
+
+
+def test_objective_gradient_matches_finite_differences(experiment, tasks):
+    """Through the meta-solver, the loss and ICCG with L_m, which has no count to jump.
+
+    (The surrogate's derivative is checked in test_iccg on matrices whose iteration
+    counts stay put; on these beams a relative change of 1e-6 in alpha, or the
+    rounding of another batch size, moves CG by an iteration or two.)
+    """
+    objective = experiment.objective("m", 10, None)
+    subset = tasks.subset(slice(0, 6))
+    step, alpha = 1e-6, 0.5
+    psi = LogShift(alpha)
+    objective(psi, subset).sum().backward()
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            values.append(objective(LogShift(alpha * math.exp(sign * step)), subset).sum().item())
+    finite_difference = (values[0] - values[1]) / (2 * step)
+    assert psi.log_alpha.grad.item() != 0
+    assert psi.log_alpha.grad.item() == pytest.approx(finite_difference, rel=1e-5)
+
+
+def test_base_shift_is_the_smallest_grid_shift_that_factorizes_every_task(experiment, tasks):
+    alpha = experiment.base_shift(tasks)
+    grid = experiment.alpha_grid.tolist()
+    position = grid.index(alpha)
+    for shift in grid[position:]:
+        assert not iccg(
+            tasks["A"], tasks["b"], shift, tol=None, max_iterations=0
+        ).factorization_failed.any()
+    below = iccg(tasks["A"], tasks["b"], grid[position - 1], tol=None, max_iterations=0)
+    assert below.factorization_failed.any()
+    assert isinstance(experiment.metasolver("base", tasks), ConstantShift)
+
+
+def test_best_is_no_worse_than_any_grid_shift(experiment, tasks):
+    subset = tasks.subset(slice(0, 6))
+    grid = torch.logspace(-3, 0, 7, dtype=torch.float64)
+    best = experiment.solve(ShiftGrid(grid), subset, 1e-6, 243)
+    cap = 243
+    best_counts = torch.where(best.converged, best.iterations, cap)
+    for alpha in grid.tolist():
+        result = iccg(subset["A"], subset["b"], alpha, tol=1e-6, max_iterations=cap)
+        counts = torch.where(result.converged, result.iterations, cap)
+        assert bool((best_counts <= counts).all())
+    with pytest.raises(ValueError, match="tolerance"):
+        experiment.solve(ShiftGrid(grid), subset, None, 10)
+
+
+def test_shift_net_spans_the_grid_and_standardises_its_inputs(experiment, tasks):
+    network = experiment.metasolver("nn", tasks)
+    assert isinstance(network, ShiftNet)
+    inputs = (tasks["features"].log() - network.mean) / network.scale
+    torch.testing.assert_close(inputs.mean(0), torch.zeros(7, dtype=torch.float64))
+    torch.testing.assert_close(inputs.std(0), torch.ones(7, dtype=torch.float64))
+    alpha = network(tasks["features"])
+    assert alpha.shape == (16,) and bool(((alpha >= 1e-5) & (alpha <= 10)).all())
+    with torch.no_grad():  # a saturated sigmoid lands on the ends of the log range
+        network.network.layers[-1].bias.fill_(100.0)
+    torch.testing.assert_close(network(tasks["features"]), torch.full((16,), 10.0).double())
+    restored = experiment.metasolver("nn")
+    restored.load_state_dict(network.state_dict())
+    torch.testing.assert_close(restored(tasks["features"]), network(tasks["features"]))
+
+
+def test_paper_training_defaults():
+    config = ElasticityIccg().train_config(None, None, None, seed=3)
+    assert (config.epochs, config.batch_size, config.lr) == (200, 128, 1e-3)
+    assert config.schedule == "steps" and config.milestones == (100, 150)
+    assert config.factor == pytest.approx(0.2)
+    assert ElasticityIccg().train_config(2, None, None, seed=0).milestones == (1,)
+    poisson = Poisson1DJacobi().train_config(None, None, None, seed=0)
+    assert (poisson.epochs, poisson.batch_size, poisson.schedule) == (2500, 256, "plateau")
+
+
+def test_unknown_options_and_meta_solvers_are_rejected():
+    with pytest.raises(ValueError, match="elasticity takes no option p"):
+        get_experiment("elasticity", p=0.01)
+    with pytest.raises(ValueError, match="unknown problem"):
+        get_experiment("heat")
+    with pytest.raises(ValueError, match="expected 'base', 'best' or 'nn'"):
+        ElasticityIccg().metasolver("worst")
+    with pytest.raises(ValueError, match="train_tasks"):
+        ElasticityIccg().metasolver("base")
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        ConstantShift(0.0)
