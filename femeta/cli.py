@@ -289,36 +289,45 @@ def evaluate_command(
     )
 
 
+RunEpochs = Annotated[int | None, typer.Option(help="Override the epochs of every run.")]
+Jobs = Annotated[int, typer.Option(help="Rows computed in parallel (processes).")]
+TableSeed = Annotated[int, typer.Option(help="Seed of data and weights.")]
+TableJson = Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")]
+
+
+def table_progress(as_json: bool) -> Progress:
+    """A bar over the rows of a table, on stderr, only on a terminal and without --json."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=as_json or not show_progress(),
+    )
+
+
 @reproduce_app.command("table3")
 @friendly
 def table3_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="A reduced budget (minutes, not an hour).")
     ] = False,
-    epochs: Annotated[int | None, typer.Option(help="Override the epochs of every run.")] = None,
-    jobs: Annotated[int, typer.Option(help="Training runs in parallel (processes).")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
+    epochs: RunEpochs = None,
+    jobs: Jobs = 2,
+    seed: TableSeed = 0,
     out: Annotated[
         Path | None, typer.Option(help="Directory for results.json and the figures.")
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the results as one JSON object.")
-    ] = False,
+    as_json: TableJson = False,
 ) -> None:
     """Table 3 / Figures 1-2: Jacobi initial guesses on 1D Poisson, L_m against L~_eps."""
     from femeta import reproduce
 
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
-    budget = reproduce.table3_budget(quick, epochs)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} runs"),
-        TimeElapsedColumn(),
-        console=stderr,
-        disable=as_json or not show_progress(),
-    )
+    budget = reproduce.epochs_budget("table3", quick, epochs)
+    progress = table_progress(as_json)
     with progress:
         bar = progress.add_task("table 3", total=len(reproduce.table3_grid()))
         results = reproduce.run_table3(budget, seed, jobs, lambda: progress.advance(bar))
@@ -338,17 +347,19 @@ def table2_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="5 epochs per training instead of 200.")
     ] = False,
-    epochs: Annotated[int | None, typer.Option(help="Override the epochs of every run.")] = None,
+    epochs: RunEpochs = None,
     max_iterations: Annotated[
         int | None,
         typer.Option(help="Cap M of the test solves and of the surrogate's training. [default: N]"),
     ] = None,
-    jobs: Annotated[int, typer.Option(help="Rows computed in parallel (processes).")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of data and weights.")] = 0,
+    rows: Annotated[
+        str | None,
+        typer.Option(help="Only these rows, comma-separated, e.g. base,best,eps=1e-06."),
+    ] = None,
+    jobs: Jobs = 2,
+    seed: TableSeed = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the results as one JSON object.")
-    ] = False,
+    as_json: TableJson = False,
 ) -> None:
     """Table 2: the ICCG shift on clamped beams, L_m against L~_eps, beside Psi_base/best."""
     from femeta import reproduce
@@ -357,19 +368,14 @@ def table2_command(
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
-    budget = reproduce.table2_budget(quick, epochs)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rows"),
-        TimeElapsedColumn(),
-        console=stderr,
-        disable=as_json or not show_progress(),
-    )
+    budget = reproduce.epochs_budget("table2", quick, epochs)
+    labels = None if rows is None else [label.strip() for label in rows.split(",")]
+    grid = reproduce.table2_grid(labels)
+    progress = table_progress(as_json)
     with progress:
-        bar = progress.add_task("table 2", total=len(reproduce.table2_grid()))
+        bar = progress.add_task("table 2", total=len(grid))
         results = reproduce.run_table2(
-            budget, seed, jobs, max_iterations, lambda: progress.advance(bar)
+            budget, seed, jobs, max_iterations, lambda: progress.advance(bar), labels
         )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +16,20 @@ from femeta._io import write_atomic
 from femeta.plots import save_figure
 
 __all__ = [
+    "epochs_budget",
     "run_table2",
     "run_table3",
     "save_table3",
-    "table2_budget",
     "table2_grid",
     "table2_rich",
-    "table3_budget",
     "table3_grid",
     "table3_rich",
 ]
 
 TEST_TOLERANCES = (1e-2, 1e-4, 1e-6, 1e-8)
 MIXTURES = (0.0, 0.01)
-FULL_EPOCHS, QUICK_EPOCHS = 2500, 150
+#: Epochs per training run: the paper's, and the --quick budget.
+BUDGETS = {"table2": (200, 5), "table3": (2500, 150)}
 
 #: Table 3 of the paper: mean iterations at test eps = 1e-2, 1e-4, 1e-6, 1e-8.
 PAPER_TABLE3: dict[tuple[float, str], tuple[float, ...]] = {
@@ -69,13 +69,14 @@ def table3_grid() -> list[dict[str, Any]]:
     return rows
 
 
-def table3_budget(quick: bool, epochs: int | None) -> int:
-    """Epochs per training run: the paper's 2500, the quick budget, or an override."""
+def epochs_budget(table: str, quick: bool, epochs: int | None) -> int:
+    """Epochs per training run of ``table``: the paper's, the quick budget, or an override."""
     if epochs is not None:
         if epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {epochs}")
         return epochs
-    return QUICK_EPOCHS if quick else FULL_EPOCHS
+    full, reduced = BUDGETS[table]
+    return reduced if quick else full
 
 
 def _run_row(row: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
@@ -194,8 +195,6 @@ def save_table3(results: dict[str, Any], out: Path) -> None:
     save_figure(figure, out / "figure2.png")
 
 
-TABLE2_EPOCHS, TABLE2_QUICK_EPOCHS = 200, 5
-
 #: Table 2 of the paper: mean ICCG iterations to eps = 1e-6 (cap N = 243) and convergence ratio.
 PAPER_TABLE2: dict[str, tuple[float, float]] = {
     "base": (115.26, 0.864),
@@ -209,24 +208,24 @@ PAPER_TABLE2: dict[str, tuple[float, float]] = {
 }
 
 
-def table2_grid() -> list[dict[str, Any]]:
-    """Every row of Table 2: Psi_base, Psi_best, L_m for five m and L~_eps (eps = 1e-6)."""
+def table2_grid(labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of Table 2: Psi_base, Psi_best, L_m for five m and L~_eps (eps = 1e-6).
+
+    ``labels`` selects rows by label (``base``, ``best``, ``m=1``, ..., ``eps=1e-06``).
+    """
     rows: list[dict[str, Any]] = [
         {"label": "base", "loss": None, "kind": "base"},
         {"label": "best", "loss": None, "kind": "best"},
     ]
     rows += [{"label": f"m={m}", "loss": "m", "m": m} for m in (1, 5, 25, 125, 243)]
     rows.append({"label": "eps=1e-06", "loss": "surrogate", "tol": 1e-6})
-    return rows
-
-
-def table2_budget(quick: bool, epochs: int | None) -> int:
-    """Epochs per training run: the paper's 200, the quick budget, or an override."""
-    if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {epochs}")
-        return epochs
-    return TABLE2_QUICK_EPOCHS if quick else TABLE2_EPOCHS
+    if labels is None:
+        return rows
+    known = [row["label"] for row in rows]
+    unknown = sorted(set(labels) - set(known))
+    if unknown or not labels:
+        raise ValueError(f"unknown Table 2 rows {unknown}; choose from {known}")
+    return [row for row in rows if row["label"] in labels]
 
 
 def _run_table2_row(row: dict[str, Any], epochs: int, seed: int, cap: int | None) -> dict:
@@ -275,13 +274,14 @@ def run_table2(
     jobs: int = 2,
     max_iterations: int | None = None,
     advance: Callable[[], None] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Fit, train and evaluate every row of Table 2, ``jobs`` at a time.
+    """Fit, train and evaluate the rows of Table 2 (all, or ``labels``), ``jobs`` at a time.
 
     ``max_iterations`` is the cap of the test solves and of the surrogate's
     training solves (``None``: the paper's ``N``); the paper's numbers are for ``N``.
     """
-    grid = table2_grid()
+    grid = table2_grid(labels)
     # The expensive rows first (the grid search, then the long solves), so the pool stays busy.
     cost = {"best": 0, "eps=1e-06": 1, "m=243": 2, "m=125": 3}
     order = sorted(range(len(grid)), key=lambda i: cost.get(grid[i]["label"], 9))

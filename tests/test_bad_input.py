@@ -187,6 +187,9 @@ def test_reproduce_and_plot_reject_bad_options(tmp_path, invoke):
     cases = {
         ("reproduce", "table3", "--jobs", "0"): "--jobs",
         ("reproduce", "table3", "--epochs", "0"): "--epochs",
+        ("reproduce", "table2", "--rows", "m=7"): "unknown Table 2 rows",
+        ("reproduce", "table2", "--jobs", "0"): "--jobs",
+        ("reproduce", "table2", "--max-iterations", "0"): "--max-iterations",
         ("plot", tmp_path / "missing"): "does not exist",
         ("plot", tmp_path, "--tol", "2"): "tolerance",
         (

@@ -181,3 +181,17 @@ def test_elasticity_option_errors(beam_model, trained, invoke):
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
+    result = invoke("reproduce", "table2", "--rows", "base,m=1", "--epochs", "1", "--jobs", "1",
+                    "--json", "--out", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    assert [row["label"] for row in table["rows"]] == ["base", "m=1"] and table["epochs"] == 1
+    base = table["rows"][0]
+    assert base["paper"] == [115.26, 0.864] and base["max_iterations"] == 243
+    # PETSc on the same 1000 test beams, alpha = 10^-0.6 (BENCHMARKS.md): 155.75 / 0.676.
+    assert base["median_alpha"] == pytest.approx(10**-0.6)
+    assert abs(base["mean"] - 155.75) < 5 and abs(base["convergence_ratio"] - 0.676) < 0.02
+    assert json.loads((tmp_path / "results.json").read_text()) == table
