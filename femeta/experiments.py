@@ -195,7 +195,6 @@ class ElasticityIccg:
             return ShiftGrid(self.alpha_grid).to(self.device)
         if kind == "nn":
             network = ShiftNet(len(ElasticBeam.feature_names), (128, 128))
-            network.log_range.copy_(self.alpha_grid[[0, -1]].log())
             if train_tasks is not None:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)

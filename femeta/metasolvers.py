@@ -115,23 +115,20 @@ class ShiftNet(nn.Module):
 
     The features (all positive) are taken in log space and standardised with
     the statistics of the training tasks (:meth:`fit_inputs`; saved as
-    buffers). An MLP (ReLU) ends in a sigmoid ``s``, and
-    ``alpha = low * (high / low) ** s``, so the output spans ``[low, high]``
-    evenly in ``log alpha``.
+    buffers). An MLP (ReLU) gives ``z`` and ``alpha = high * sigmoid(z)``, as in
+    the paper (``high = 1``). For small shifts ``log alpha ~ z + log high``, so the
+    network acts on a log scale, and the ICF penalty ``-log alpha`` keeps a slope
+    of one in ``z`` however small alpha gets. (Mapping the sigmoid onto a
+    bounded log range instead flattens that slope at the low end: there a failing
+    task stops pushing alpha up, and training collapsed after 20 epochs.)
     """
 
-    def __init__(
-        self,
-        inputs: int,
-        hidden: Sequence[int] = (128, 128),
-        alpha_range: tuple[float, float] = (1e-5, 10.0),
-    ):
+    def __init__(self, inputs: int, hidden: Sequence[int] = (128, 128), high: float = 1.0):
         super().__init__()
-        low, high = alpha_range
-        if not 0 < low < high < math.inf:
-            raise ValueError(f"alpha_range must satisfy 0 < low < high, got {alpha_range!r}")
+        if not (high > 0 and math.isfinite(high)):
+            raise ValueError(f"high must be a positive finite number, got {high!r}")
         self.network = MLP(inputs, hidden, 1, "relu")
-        self.register_buffer("log_range", torch.tensor([math.log(low), math.log(high)]).double())
+        self.register_buffer("high", torch.tensor(float(high), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(inputs, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(inputs, dtype=torch.float64))
 
@@ -144,6 +141,5 @@ class ShiftNet(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         inputs = (features.log() - self.mean) / self.scale
-        share = torch.sigmoid(self.network(inputs)[:, 0])
-        low, high = self.log_range
-        return torch.exp(low + share * (high - low))
+        # The floor keeps alpha a valid shift where the sigmoid underflows.
+        return self.high * torch.sigmoid(self.network(inputs)[:, 0]).clamp_min(1e-12)

@@ -132,17 +132,25 @@ def test_best_is_no_worse_than_any_grid_shift(experiment, tasks):
         experiment.solve(ShiftGrid(grid), subset, None, 10)
 
 
-def test_shift_net_spans_the_grid_and_standardises_its_inputs(experiment, tasks):
+def test_shift_net_standardises_its_inputs_and_keeps_the_penalty_slope(experiment, tasks):
     network = experiment.metasolver("nn", tasks)
     assert isinstance(network, ShiftNet)
     inputs = (tasks["features"].log() - network.mean) / network.scale
     torch.testing.assert_close(inputs.mean(0), torch.zeros(7, dtype=torch.float64))
     torch.testing.assert_close(inputs.std(0), torch.ones(7, dtype=torch.float64))
     alpha = network(tasks["features"])
-    assert alpha.shape == (16,) and bool(((alpha >= 1e-5) & (alpha <= 10)).all())
-    with torch.no_grad():  # a saturated sigmoid lands on the ends of the log range
+    assert alpha.shape == (16,) and bool(((alpha > 0) & (alpha < 1)).all())
+    with torch.no_grad():  # the ends: alpha = 1, and a floor where the sigmoid underflows
         network.network.layers[-1].bias.fill_(100.0)
-    torch.testing.assert_close(network(tasks["features"]), torch.full((16,), 10.0).double())
+        torch.testing.assert_close(network(tasks["features"]), torch.ones(16).double())
+        network.network.layers[-1].bias.fill_(-1e4)
+        torch.testing.assert_close(network(tasks["features"]), torch.full((16,), 1e-12).double())
+    network.network.layers[-1].bias.data.fill_(-20.0)
+    shift = network(tasks["features"])
+    assert bool((shift < 1e-6).all())
+    (-shift.log()).sum().backward()  # the ICF penalty still has a slope of -1 per task in z
+    bias_grad = network.network.layers[-1].bias.grad
+    torch.testing.assert_close(bias_grad, torch.tensor([-16.0]).double(), rtol=1e-6, atol=0)
     restored = experiment.metasolver("nn")
     restored.load_state_dict(network.state_dict())
     torch.testing.assert_close(restored(tasks["features"]), network(tasks["features"]))
