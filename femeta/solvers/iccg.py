@@ -465,7 +465,11 @@ class _SharedPattern:
         )
         col = (self.cols + self.n * offsets).reshape(-1)
         size = (batch * self.n, batch * self.n)
-        self.matrix = torch.sparse_csr_tensor(crow, col, self.values.reshape(-1), size=size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            self.matrix = torch.sparse_csr_tensor(
+                crow, col, self.values.reshape(-1), size=size, check_invariants=False
+            )
 
     def select(self, index: Tensor) -> _SharedPattern:
         """The operator of the instances at ``index``."""
