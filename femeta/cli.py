@@ -147,6 +147,13 @@ def train_command(
         float | None,
         typer.Option(help="Adam learning rate. [default: poisson1d 0.01, elasticity 0.001]"),
     ] = None,
+    clip: Annotated[
+        float | None,
+        typer.Option(
+            help="elasticity only: clip each task's derivative of the solve loss in log(alpha) "
+            "to [-CLIP, CLIP] (not in the paper). [default: no clipping]"
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
@@ -167,7 +174,7 @@ def train_command(
     if resume is None:
         given = {
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
-            "gain": gain, "batch_size": batch_size, "lr": lr,
+            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

@@ -109,8 +109,12 @@ class Poisson1DJacobi:
             reference=tasks["solution"],
         )
 
-    def objective(self, loss: str, m: int, tol: float | None, gain: float = 1.0) -> Objective:
+    def objective(
+        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+    ) -> Objective:
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}."""
+        if clip is not None:
+            raise ValueError("--clip applies to the elasticity shift only")
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m))
         if loss == "surrogate":
@@ -254,25 +258,51 @@ class ElasticityIccg:
         best[2] = best[2][:, :longest].contiguous()
         return IccgResult(*best)
 
-    def objective(self, loss: str, m: int, tol: float | None, gain: float = 1.0) -> Objective:
-        """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate."""
+    def objective(
+        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+    ) -> Objective:
+        """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
+
+        With ``clip``, each task's derivative of the solve loss in ``log alpha`` is
+        clipped to ``[-clip, clip]`` on the way back (the penalty's is not). The
+        derivatives of CG's late residuals in alpha are heavy-tailed on these beams:
+        a few tasks carry most of a batch's gradient (see BENCHMARKS.md).
+        """
         if loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
         if loss == "surrogate" and tol is None:
             raise ValueError("the surrogate loss needs a training tolerance (--tol)")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be positive, got {clip!r}")
 
         def value(psi: nn.Module, tasks: TaskSet) -> Tensor:
             alpha = psi(tasks["features"])
+            shift = alpha if clip is None else _ClipLogDerivative.apply(alpha, clip)
             if loss == "m":
-                result = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=m)
+                result = iccg(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
                 solve_loss = error_after_m(result, squared=False)
             else:
-                result = iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=m)
+                result = iccg(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
                 solve_loss = iteration_surrogate(result, tol, gain)
             penalty = self.gamma * icf_penalty(alpha)
             return torch.where(result.factorization_failed, penalty, solve_loss)
 
         return value
+
+
+class _ClipLogDerivative(torch.autograd.Function):
+    """Identity on ``alpha``; clips each ``d loss / d log alpha`` to ``[-limit, limit]``."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, limit: float) -> Tensor:
+        ctx.save_for_backward(alpha)
+        ctx.limit = limit
+        return alpha.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (alpha,) = ctx.saved_tensors
+        return (grad * alpha).clamp(-ctx.limit, ctx.limit) / alpha, None
 
 
 Experiment = Poisson1DJacobi | ElasticityIccg

@@ -37,7 +37,8 @@ class TrainOptions:
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
     ``default_m``; for ``epochs``, ``batch_size`` and ``lr`` its
     ``train_config`` (the paper's settings). ``p`` is an option of
-    ``poisson1d`` only. :func:`train_metasolver` saves the resolved values.
+    ``poisson1d`` only; ``clip`` (``None``: the paper's loss) of ``elasticity``
+    only. :func:`train_metasolver` saves the resolved values.
     """
 
     problem: str = "poisson1d"
@@ -50,6 +51,7 @@ class TrainOptions:
     gain: float = 1.0
     batch_size: int | None = None
     lr: float | None = None
+    clip: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size"):
@@ -58,7 +60,7 @@ class TrainOptions:
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("tol", "p", "gain", "lr"):
+        for name in ("tol", "p", "gain", "lr", "clip"):
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name in ("tol", "gain")):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -148,7 +150,7 @@ def _train(
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
     tol = options.tol if options.loss == "surrogate" else None
-    objective = experiment.objective(options.loss, options.m, tol, options.gain)
+    objective = experiment.objective(options.loss, options.m, tol, options.gain, options.clip)
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)
     monitor = None

@@ -177,3 +177,25 @@ def test_unknown_options_and_meta_solvers_are_rejected():
         ElasticityIccg().metasolver("base")
     with pytest.raises(ValueError, match="alpha must be a positive"):
         ConstantShift(0.0)
+
+
+def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks):
+    subset = tasks.subset(slice(0, 8))
+    alpha = 1e-4  # some of these beams fail at this shift, some solve
+    failed = iccg(subset["A"], subset["b"], alpha, tol=None, max_iterations=0).factorization_failed
+    assert 0 < int(failed.sum()) < 8
+    limit = 1e-3
+    psi = LogShift(alpha)
+    clipped = experiment.objective("surrogate", 243, 1e-6, clip=limit)(psi, subset)
+    plain = experiment.objective("surrogate", 243, 1e-6)(LogShift(alpha), subset)
+    torch.testing.assert_close(clipped, plain)  # the forward pass is untouched
+    clipped[~failed].sum().backward()
+    assert abs(psi.log_alpha.grad.item()) <= limit * int((~failed).sum()) + 1e-12
+    psi.log_alpha.grad = None
+    experiment.objective("surrogate", 243, 1e-6, clip=limit)(psi, subset)[failed].sum().backward()
+    expected = torch.tensor(-500.0 * int(failed.sum()), dtype=torch.float64)
+    torch.testing.assert_close(psi.log_alpha.grad, expected)
+    with pytest.raises(ValueError, match="clip must be positive"):
+        experiment.objective("surrogate", 243, 1e-6, clip=0.0)
+    with pytest.raises(ValueError, match="elasticity shift only"):
+        Poisson1DJacobi().objective("m", 5, None, clip=1.0)
