@@ -20,6 +20,7 @@ from femeta.training import EpochRecord, TrainResult, train
 __all__ = [
     "TrainOptions",
     "baseline_metasolver",
+    "build_experiment",
     "evaluate_metasolver",
     "load_metasolver",
     "resume_training",
@@ -74,7 +75,8 @@ class TrainOptions:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
 
 
-def _experiment(options: TrainOptions, device: str | torch.device) -> Any:
+def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
+    """The experiment that ``options`` train on, on ``device``."""
     params = {} if options.p is None else {"p": options.p}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
@@ -137,7 +139,7 @@ def _train(
     monitor_iterations: bool,
     device: str | torch.device,
 ) -> tuple[Any, nn.Module, TrainResult]:
-    experiment = _experiment(options, device)
+    experiment = build_experiment(options, device)
     config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
     options = replace(
         options,
