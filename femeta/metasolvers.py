@@ -119,8 +119,8 @@ class ShiftNet(nn.Module):
     the paper (``high = 1``). For small shifts ``log alpha ~ z + log high``, so the
     network acts on a log scale, and the ICF penalty ``-log alpha`` keeps a slope
     of one in ``z`` however small alpha gets. (Mapping the sigmoid onto a
-    bounded log range instead flattens that slope at the low end: there a failing
-    task stops pushing alpha up, and training collapsed after 20 epochs.)
+    bounded log range instead flattens that slope at the low end, where a
+    failing task then stops pushing alpha up.)
     """
 
     def __init__(self, inputs: int, hidden: Sequence[int] = (128, 128), high: float = 1.0):
