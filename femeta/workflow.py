@@ -230,9 +230,10 @@ def load_metasolver(
 
 
 def baseline_metasolver(experiment: Any, kind: str, seed: int = 0) -> nn.Module:
-    """A baseline meta-solver (``base``, or ``best`` where there is one), fitted on the
-    training split of ``seed`` where it needs data."""
-    return experiment.metasolver(kind, experiment.tasks("train", seed))
+    """A baseline meta-solver (``base``, or ``best`` where there is one); ``base`` is
+    fitted on the training split of ``seed`` (``best`` searches per task, without data)."""
+    train_tasks = experiment.tasks("train", seed) if kind == "base" else None
+    return experiment.metasolver(kind, train_tasks)
 
 
 @torch.no_grad()
