@@ -361,7 +361,7 @@ def _cg(
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
 
     scale = torch.linalg.vector_norm(b, dim=-1)
-    operator = _SharedPattern(A)
+    operator = _SharedPattern.from_dense(A)
     r = b - operator(x0)
     error0 = torch.linalg.vector_norm(r, dim=-1) / scale
     if fwAD.unpack_dual(inverse).tangent is not None:
@@ -443,15 +443,9 @@ class _SharedPattern:
     along as a second column.
     """
 
-    def __init__(self, A: Tensor, pattern: tuple[Tensor, Tensor] | None = None, n: int = 0):
-        self.n = n or A.shape[-1]
-        if pattern is None:
-            # nonzero() lists the entries row by row, which is the CSR order.
-            pattern = torch.nonzero(A.ne(0).any(dim=0), as_tuple=True)
-            self.values = A[:, pattern[0], pattern[1]]
-        else:
-            self.values = A
-        self.rows, self.cols = pattern
+    def __init__(self, values: Tensor, rows: Tensor, cols: Tensor, n: int):
+        """``values[b, k]`` is entry ``(rows[k], cols[k])`` of matrix ``b``, in CSR order."""
+        self.values, self.rows, self.cols, self.n = values, rows, cols, n
         batch, count = self.values.shape
         device = self.values.device
         offsets = torch.arange(batch, device=device)[:, None]
@@ -471,9 +465,16 @@ class _SharedPattern:
                 crow, col, self.values.reshape(-1), size=size, check_invariants=False
             )
 
+    @classmethod
+    def from_dense(cls, A: Tensor) -> _SharedPattern:
+        """The operator of dense ``(B, N, N)`` matrices, on their common nonzero pattern."""
+        # nonzero() lists the entries row by row, which is the CSR order.
+        rows, cols = torch.nonzero(A.ne(0).any(dim=0), as_tuple=True)
+        return cls(A[:, rows, cols], rows, cols, A.shape[-1])
+
     def select(self, index: Tensor) -> _SharedPattern:
         """The operator of the instances at ``index``."""
-        return _SharedPattern(self.values[index], (self.rows, self.cols), self.n)
+        return _SharedPattern(self.values[index], self.rows, self.cols, self.n)
 
     def __call__(self, vector: Tensor) -> Tensor:
         vector, tangent = fwAD.unpack_dual(vector)
