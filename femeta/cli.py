@@ -120,19 +120,36 @@ def train_command(
         typer.Option(
             "--m",
             help="Iterations of L_m, or the cap of the surrogate's solve. "
-            "[default: poisson1d 25 / 1000; elasticity 125 / N]",
+            "[default: poisson1d 25 / 1000; elasticity 125 / N; robertson 5 / 2000]",
         ),
     ] = None,
     tol: Annotated[
-        float | None, typer.Option(help="Training tolerance eps of the surrogate. [default: 1e-6]")
+        float | None,
+        typer.Option(
+            help="Training tolerance eps of the surrogate. [default: 1e-6; robertson 1e-9]"
+        ),
     ] = None,
     p: Annotated[
         float | None,
         typer.Option(help="poisson1d only: weight of the hard distribution P1. [default: 0]"),
     ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            help="robertson only: what the network predicts: 'ini' (initial guess), "
+            "'relax' (relaxation factor) or 'both'. [default: both]"
+        ),
+    ] = None,
+    sets: Annotated[
+        int | None,
+        typer.Option(
+            help="robertson only: parameter sets (c1, c2, c3), split "
+            "1/4 train, 1/4 validation, 1/2 test. [default: 10000]"
+        ),
+    ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option(help="Training epochs. [default: poisson1d 2500, elasticity 200]"),
+        typer.Option(help="Training epochs. [default: poisson1d 2500, others 200]"),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the data and the weights. [default: 0]")
@@ -141,11 +158,16 @@ def train_command(
         float | None, typer.Option(help="Sigmoid gain a of the surrogate (log space). [default: 1]")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Tasks per step. [default: poisson1d 256, elasticity 128]")
+        int | None,
+        typer.Option(
+            help="Tasks per step. [default: poisson1d 256, elasticity 128, robertson 16384]"
+        ),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Adam learning rate. [default: poisson1d 0.01, elasticity 0.001]"),
+        typer.Option(
+            help="Adam learning rate. [default: poisson1d 0.01, elasticity 0.001, robertson 2e-5]"
+        ),
     ] = None,
     clip: Annotated[
         float | None,
@@ -174,7 +196,8 @@ def train_command(
     if resume is None:
         given = {
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
-            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip,
+            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "head": head,
+            "sets": sets,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:
@@ -250,10 +273,20 @@ def evaluate_command(
             "elasticity 'best' (per-task grid search over alpha, slow)."
         ),
     ] = None,
-    tol: Annotated[float, typer.Option(help="Test tolerance eps.")] = 1e-6,
+    tol: Annotated[
+        float | None, typer.Option(help="Test tolerance eps. [default: 1e-6; robertson 1e-9]")
+    ] = None,
     p: Annotated[
         float | None,
-        typer.Option(help="Weight of P1 in the test tasks. [default: the model's, else 0]"),
+        typer.Option(
+            help="poisson1d only: weight of P1 in the test tasks. [default: the model's, else 0]"
+        ),
+    ] = None,
+    sets: Annotated[
+        int | None,
+        typer.Option(
+            help="robertson only: parameter sets, as in train. [default: the model's, else 10000]"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
     max_iterations: Annotated[
@@ -271,16 +304,17 @@ def evaluate_command(
     kinds = ("base", "best") if problem == "elasticity" else ("base",)
     if baseline is not None and baseline not in kinds:
         raise UsageError(f"--baseline for {problem} must be one of {list(kinds)}, got {baseline!r}")
-    if not (tol > 0 and tol < 1):
+    if tol is not None and not (tol > 0 and tol < 1):
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
+    overrides = {name: value for name, value in {"p": p, "sets": sets}.items() if value is not None}
     if model is not None:
-        experiment, metasolver = load_metasolver(model, problem, p, device)
+        experiment, metasolver = load_metasolver(model, problem, device=device, **overrides)
     else:
-        params = {} if p is None else {"p": p}
-        experiment = get_experiment(problem, **params, device=resolve_device(device))
+        experiment = get_experiment(problem, **overrides, device=resolve_device(device))
         metasolver = baseline_metasolver(experiment, baseline, seed)
+    tol = experiment.default_tol if tol is None else tol
     stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations)
     task_p = getattr(experiment, "p", None)
     summary = {"problem": problem, "model": str(model) if model else baseline, "p": task_p}
@@ -395,21 +429,76 @@ def table2_command(
             typer.echo(f"wrote {out}/results.json")
 
 
+@reproduce_app.command("table1")
+@friendly
+def table1_command(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="3 epochs on 400 parameter sets (minutes).")
+    ] = False,
+    epochs: RunEpochs = None,
+    sets: Annotated[
+        int | None, typer.Option(help="Parameter sets. [default: 10000; --quick 400]")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate of every run. [default: 2e-5]")
+    ] = None,
+    rows: Annotated[
+        str | None,
+        typer.Option(help="Only these rows, comma-separated, e.g. base,both/eps=1e-09."),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Rows computed in parallel (processes).")] = 1,
+    seed: TableSeed = 0,
+    out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
+    as_json: TableJson = False,
+) -> None:
+    """Table 1: Newton-SOR on Robertson steps, L_m against L~_eps, and which head to learn."""
+    from femeta import reproduce
+
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if lr is not None and not lr > 0:
+        raise UsageError(f"--lr must be positive, got {lr}")
+    sets = (400 if quick else 10_000) if sets is None else sets
+    budget = reproduce.epochs_budget("table1", quick, epochs)
+    labels = None if rows is None else [label.strip() for label in rows.split(",")]
+    grid = reproduce.table1_grid(labels)
+    get_experiment("robertson", sets=sets)  # checks sets before any worker starts
+    progress = table_progress(as_json)
+    with progress:
+        bar = progress.add_task("table 1", total=len(grid))
+        results = reproduce.run_table1(
+            budget, seed, jobs, sets, lr, lambda: progress.advance(bar), labels
+        )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out) / "results.json", json.dumps(results, indent=1).encode())
+    if as_json:
+        typer.echo(json.dumps(results))
+    else:
+        Console().print(reproduce.table1_rich(results))
+        if out is not None:
+            typer.echo(f"wrote {out}/results.json")
+
+
 @app.command("plot")
 @friendly
 def plot_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `femeta train`.")],
-    tol: Annotated[float, typer.Option(help="Test tolerance of the histograms.")] = 1e-6,
+    tol: Annotated[
+        float | None,
+        typer.Option(help="Test tolerance of the histograms. [default: 1e-6; robertson 1e-9]"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
 ) -> None:
     """Write training.png (loss and learning rate) and iterations.png into RUN_DIR."""
     from femeta import plots
     from femeta.runs import read_history, run_problem
 
-    if not (tol > 0 and tol < 1):
+    if tol is not None and not (tol > 0 and tol < 1):
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     problem = run_problem(run_dir)
     experiment, metasolver = load_metasolver(run_dir, problem)
+    tol = experiment.default_tol if tol is None else tol
     baseline = baseline_metasolver(experiment, "base", seed)
     iterations = {
         "Psi_base": evaluate_metasolver(experiment, baseline, tol, seed).iterations,

@@ -30,6 +30,15 @@ class IterationStats:
         iterations = np.where(converged, iterations, max_iterations)
         return cls(iterations, converged, float(tol), int(max_iterations))
 
+    @classmethod
+    def concatenate(cls, parts: list[IterationStats]) -> IterationStats:
+        """The statistics of several batches solved with the same tolerance and cap."""
+        if not parts or len({(p.tol, p.max_iterations) for p in parts}) != 1:
+            raise ValueError("concatenate needs at least one part, all with one tolerance and cap")
+        iterations = np.concatenate([p.iterations for p in parts])
+        converged = np.concatenate([p.converged for p in parts])
+        return cls(iterations, converged, parts[0].tol, parts[0].max_iterations)
+
     @property
     def mean_iterations(self) -> float:
         return float(self.iterations.mean())

@@ -7,6 +7,7 @@ maps a problem name (as used on the command line) to its experiment class.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -14,13 +15,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from femeta._io import write_atomic
+from femeta.evaluation import IterationStats
 from femeta.losses import error_after_m, icf_penalty, iteration_surrogate
-from femeta.metasolvers import ConstantShift, EigenbasisGuess, ShiftGrid, ShiftNet, ZeroGuess
+from femeta.metasolvers import (
+    ConstantShift,
+    EigenbasisGuess,
+    NewtonSorNet,
+    PreviousStep,
+    ShiftGrid,
+    ShiftNet,
+    ZeroGuess,
+)
 from femeta.problems.base import TaskSet
-from femeta.problems.elasticity import ElasticBeam
+from femeta.problems.elasticity import ElasticBeam, default_cache_dir
 from femeta.problems.poisson1d import Poisson1D
+from femeta.problems.robertson import Robertson, backward_euler_system
+from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult, jacobi
 from femeta.solvers.iccg import IccgResult, iccg
+from femeta.solvers.newton_sor import NonlinearSystem, newton_sor
 from femeta.training import Objective, TrainConfig
 
 __all__ = [
@@ -28,6 +42,7 @@ __all__ = [
     "ElasticityIccg",
     "Experiment",
     "Poisson1DJacobi",
+    "RobertsonNewtonSor",
     "get_experiment",
     "resolve_device",
 ]
@@ -46,6 +61,7 @@ class Poisson1DJacobi:
     solver_name: ClassVar[str] = "jacobi"
     predicts: ClassVar[str] = "initial guess (coefficients in the eigenvector basis)"
     features: ClassVar[str] = "f, the source vector at the N grid points, not normalised"
+    default_tol: ClassVar[float] = 1e-6
     #: Cap for evaluation: high enough that every Table 3 configuration converges.
     evaluation_cap: ClassVar[int] = 10_000
     #: Cap of the surrogate's Phi_{eps,m} during training when none is given.
@@ -109,6 +125,14 @@ class Poisson1DJacobi:
             reference=tasks["solution"],
         )
 
+    @torch.no_grad()
+    def stats(
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int
+    ) -> IterationStats:
+        """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap)."""
+        result = self.solve(metasolver, tasks, tol, max_iterations)
+        return IterationStats.from_result(result, tol, max_iterations)
+
     def objective(
         self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
     ) -> Objective:
@@ -137,6 +161,7 @@ class ElasticityIccg:
     solver_name: ClassVar[str] = "iccg"
     predicts: ClassVar[str] = "alpha, the diagonal shift of IC(0) relative to diag(A)"
     features: ClassVar[str] = "W, lambda, mu, rho, ||A||_1, ||A||_inf, ||A||_F (log, standardised)"
+    default_tol: ClassVar[float] = 1e-6
     #: The ICF penalty weight of §4.2.
     gamma: ClassVar[float] = 500.0
     #: The log grid of Psi_best and Psi_base: 31 shifts from 1e-5 to 10.
@@ -258,6 +283,14 @@ class ElasticityIccg:
         best[2] = best[2][:, :longest].contiguous()
         return IccgResult(*best)
 
+    @torch.no_grad()
+    def stats(
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int
+    ) -> IterationStats:
+        """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap)."""
+        result = self.solve(metasolver, tasks, tol, max_iterations)
+        return IterationStats.from_result(result, tol, max_iterations)
+
     def objective(
         self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
     ) -> Objective:
@@ -290,6 +323,178 @@ class ElasticityIccg:
         return value
 
 
+@dataclass
+class RobertsonNewtonSor:
+    """Relaxation factor and initial guess of Newton-SOR on Robertson steps (§4.1, Table 1).
+
+    The error measure is the absolute residual ``||g_n(y)||``; the paper's
+    tolerance is 1e-9 and its test cap ``10^4``. ``head`` picks the meta-solver
+    trained as Psi_nn: ``ini``, ``relax`` or ``both``. ``sets`` is the number of
+    parameter sets (the paper: 10,000), split 1/4 train, 1/4 validation, 1/2
+    test; each set gives 100 tasks.
+    """
+
+    name: ClassVar[str] = "robertson"
+    solver_name: ClassVar[str] = "newton-sor"
+    features: ClassVar[str] = "log c1, c2, c3, h_n, y_n (standardised)"
+    default_tol: ClassVar[float] = 1e-9
+    evaluation_cap: ClassVar[int] = 10_000
+    surrogate_cap: ClassVar[int] = 2000
+    #: The relaxation factors Psi_base's search tries first (then 0.01 around the best).
+    coarse_grid: ClassVar[tuple[float, ...]] = tuple(1 + k / 20 for k in range(20))
+    #: Tasks per solve when evaluating: the history of a long tail stays small.
+    evaluation_chunk: ClassVar[int] = 4096
+
+    head: str = "both"
+    sets: int = 10_000
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
+    problem: Robertson = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        if self.head not in NewtonSorNet.heads:
+            heads = list(NewtonSorNet.heads)
+            raise ValueError(f"unknown head {self.head!r} for robertson; expected one of {heads}")
+        if isinstance(self.sets, bool) or not isinstance(self.sets, int) or self.sets < 4:
+            raise ValueError(f"sets must be an integer >= 4, got {self.sets!r}")
+        quarter = self.sets // 4
+        sizes = {"train": quarter, "validation": quarter, "test": self.sets - 2 * quarter}
+        self.problem = Robertson(split_sizes=sizes)
+
+    @property
+    def predicts(self) -> str:
+        return {
+            "ini": "initial guess y0 (r = r_base)",
+            "relax": "relaxation factor r (y0 = y_n)",
+            "both": "initial guess y0 and relaxation factor r",
+        }[self.head]
+
+    def params(self) -> dict[str, Any]:
+        return {"head": self.head, "sets": self.sets}
+
+    def tasks(self, split: str, seed: int) -> TaskSet:
+        return self.problem.split(split, seed).to(self.device)
+
+    def default_m(self, loss: str) -> int:
+        """``m`` when none is given: 5 (Table 1a's best L_m) for L_m, 2000 for the surrogate."""
+        return 5 if loss == "m" else self.surrogate_cap
+
+    def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
+                     seed: int) -> TrainConfig:  # fmt: skip
+        """Appendix C.2: Adam, batch 16384, lr 2e-5 cut by 5 at 1/2 and 3/4 of 200 epochs."""
+        epochs = 200 if epochs is None else epochs
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=16384 if batch_size is None else batch_size,
+            lr=2e-5 if lr is None else lr,
+            betas=(0.9, 0.999),
+            schedule="steps",
+            milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
+            seed=seed,
+        )
+
+    def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
+        """``base`` (``y_n`` and ``r_base``) or ``nn`` (the ``head`` network).
+
+        Both need ``r_base`` (:meth:`base_relaxation`, on ``train_tasks``) except
+        ``nn`` with the ``relax`` or ``both`` head. Without ``train_tasks``,
+        ``nn`` starts unstandardised and with ``r = 1``, for loading saved weights.
+        """
+        if kind == "base":
+            if train_tasks is None:
+                raise ValueError("Psi_base is fitted on the training tasks; pass train_tasks")
+            return PreviousStep(self.base_relaxation(train_tasks)).to(self.device)
+        if kind == "nn":
+            relaxation = 1.0
+            if train_tasks is not None and self.head == "ini":
+                relaxation = self.base_relaxation(train_tasks)
+            network = NewtonSorNet(self.head, relaxation)
+            if train_tasks is not None:
+                network.fit_inputs(train_tasks["features"])
+            return network.to(self.device)
+        raise ValueError(f"unknown meta-solver {kind!r} for {self.name}; expected 'base' or 'nn'")
+
+    def base_relaxation(self, tasks: TaskSet) -> float:
+        """r_base: the factor with the fewest mean iterations to 1e-9 (cap 10^4) on ``tasks``.
+
+        A brute-force search: :attr:`coarse_grid` in steps of 0.05, stopped once the
+        mean exceeds twice the best so far, then steps of 0.01 around the best.
+        The result is cached on disk, keyed by the tasks, so it runs once per dataset.
+        """
+        key = tasks_digest(tasks["c"], tasks["h"], tasks["y_prev"])[:24]
+        path = default_cache_dir() / f"robertson-rbase-{key}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["r_base"])
+        means: dict[float, float] = {}
+
+        def mean(r: float) -> float:
+            if r not in means:
+                stats = self.stats(PreviousStep(r), tasks, self.default_tol, self.evaluation_cap)
+                means[r] = stats.mean_iterations
+            return means[r]
+
+        for r in self.coarse_grid:
+            if mean(r) > 2 * min(means.values()):
+                break
+        best = min(means, key=means.get)
+        for r in (round(best + k / 100, 2) for k in range(-4, 5)):
+            if 0 < r < 2:
+                mean(r)
+        best = min(means, key=means.get)
+        record = {"r_base": best, "mean_iterations": means, "tol": self.default_tol,
+                  "cap": self.evaluation_cap}  # fmt: skip
+        write_atomic(path, json.dumps(record, indent=1).encode())
+        return best
+
+    @staticmethod
+    def _system(tasks: TaskSet) -> NonlinearSystem:
+        """``g_n`` and its Jacobian for the running instances ``rows`` of ``tasks``."""
+        selected: dict[str, Any] = {"rows": None}
+
+        def system(y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            if selected["rows"] is not rows:  # the solver passes a new tensor when one stops
+                selected.update(rows=rows, c=tasks["c"][rows], h=tasks["h"][rows],
+                                y_prev=tasks["y_prev"][rows])  # fmt: skip
+            return backward_euler_system(selected["c"], selected["h"], selected["y_prev"], y)
+
+        return system
+
+    def solve(
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float | None, max_iterations: int
+    ) -> SolverResult:
+        """Phi(tau; Psi(tau)): Newton-SOR from the meta-solver's guess and factor."""
+        y0, relaxation = metasolver(tasks["features"])
+        return newton_sor(
+            self._system(tasks), y0, relaxation, tol=tol, max_iterations=max_iterations
+        )
+
+    @torch.no_grad()
+    def stats(
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int
+    ) -> IterationStats:
+        """L_eps per task, solved :attr:`evaluation_chunk` tasks at a time."""
+        parts = []
+        for start in range(0, len(tasks), self.evaluation_chunk):
+            chunk = tasks.subset(slice(start, start + self.evaluation_chunk))
+            result = self.solve(metasolver, chunk, tol, max_iterations)
+            parts.append(IterationStats.from_result(result, tol, max_iterations))
+        return IterationStats.concatenate(parts)
+
+    def objective(
+        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+    ) -> Objective:
+        """L_m (``||g||`` after ``m`` iterations) or the surrogate with Phi_{tol,m}."""
+        if clip is not None:
+            raise ValueError("--clip applies to the elasticity shift only")
+        if loss == "m":
+            return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared=False)
+        if loss == "surrogate":
+            if tol is None:
+                raise ValueError("the surrogate loss needs a training tolerance (--tol)")
+            return lambda psi, tasks: iteration_surrogate(self.solve(psi, tasks, tol, m), tol, gain)
+        raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
+
+
 class _ClipLogDerivative(torch.autograd.Function):
     """Identity on ``alpha``; clips each ``d loss / d log alpha`` to ``[-limit, limit]``."""
 
@@ -305,11 +510,12 @@ class _ClipLogDerivative(torch.autograd.Function):
         return (grad * alpha).clamp(-ctx.limit, ctx.limit) / alpha, None
 
 
-Experiment = Poisson1DJacobi | ElasticityIccg
+Experiment = Poisson1DJacobi | ElasticityIccg | RobertsonNewtonSor
 
 EXPERIMENTS: dict[str, Callable[..., Experiment]] = {
     "poisson1d": Poisson1DJacobi,
     "elasticity": ElasticityIccg,
+    "robertson": RobertsonNewtonSor,
 }
 
 

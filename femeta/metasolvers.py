@@ -18,6 +18,8 @@ __all__ = [
     "MLP",
     "ConstantShift",
     "EigenbasisGuess",
+    "NewtonSorNet",
+    "PreviousStep",
     "ShiftGrid",
     "ShiftNet",
     "ZeroGuess",
@@ -27,9 +29,16 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU, "ta
 
 
 class MLP(nn.Module):
-    """A fully connected network: ``inputs -> hidden... -> outputs``, float64."""
+    """A fully connected network: ``inputs -> hidden... -> outputs`` (float64 by default)."""
 
-    def __init__(self, inputs: int, hidden: Sequence[int], outputs: int, activation: str = "silu"):
+    def __init__(
+        self,
+        inputs: int,
+        hidden: Sequence[int],
+        outputs: int,
+        activation: str = "silu",
+        dtype: torch.dtype = torch.float64,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(
@@ -39,10 +48,10 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for width_in, width_out in itertools.pairwise(widths):
             layers += [
-                nn.Linear(width_in, width_out, dtype=torch.float64),
+                nn.Linear(width_in, width_out, dtype=dtype),
                 ACTIVATIONS[activation](),
             ]
-        layers.append(nn.Linear(widths[-1], outputs, dtype=torch.float64))
+        layers.append(nn.Linear(widths[-1], outputs, dtype=dtype))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -143,3 +152,78 @@ class ShiftNet(nn.Module):
         inputs = (features.log() - self.mean) / self.scale
         # The floor keeps alpha a valid shift where the sigmoid underflows.
         return self.high * torch.sigmoid(self.network(inputs)[:, 0]).clamp_min(1e-12)
+
+
+class PreviousStep(nn.Module):
+    """Psi_base of §4.1: the previous state ``y_n`` as initial guess and one factor ``r``.
+
+    Takes the Robertson features ``(c1, c2, c3, h, y1, y2, y3)`` and returns
+    ``(y0, r)``: ``y0`` of shape ``(B, 3)``, ``r`` of shape ``(B,)``.
+    """
+
+    def __init__(self, relaxation: float):
+        super().__init__()
+        if not 0 < relaxation <= 2:
+            raise ValueError(f"the SOR relaxation factor must lie in (0, 2], got {relaxation!r}")
+        self.register_buffer("relaxation", torch.tensor(float(relaxation), dtype=torch.float64))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        return features[:, 4:7], self.relaxation.expand(features.shape[0])
+
+
+class NewtonSorNet(nn.Module):
+    """Psi_ini, Psi_relax and Psi_both of §4.1 / Appendix C.2 (``head`` picks which).
+
+    An MLP (ReLU) takes the logs of ``(c1, c2, c3, h, y1, y2, y3)`` (``y``
+    floored at 1e-30, since ``y2 = y3 = 0`` at ``t = 0``), standardised with the
+    training tasks' statistics (:meth:`fit_inputs`). Its last layer gives
+
+    - the initial guess ``y_n * exp(tanh(W_ini x))`` (equation (47), read as a
+      change of ``log y_n``; as printed, ``exp(log(y_n + tanh(.)))``, it would
+      add up to 1 to concentrations of 1e-10), and
+    - the relaxation factor ``sigmoid(W_relax x) + 1`` in ``(1, 2)``
+      (equation (48)), its bias initialised to -1.
+
+    A head that does not predict a quantity uses ``y_n``, or the constant
+    ``relaxation`` (``r_base``). The network computes in float32 (2x faster
+    than float64 on a CPU); its outputs are returned in float64.
+    """
+
+    heads = ("ini", "relax", "both")
+
+    def __init__(self, head: str, relaxation: float, hidden: Sequence[int] = (1024, 1024)):
+        super().__init__()
+        if head not in self.heads:
+            raise ValueError(f"unknown head {head!r}; expected one of {list(self.heads)}")
+        self.head = head
+        self.guess = head in ("ini", "both")
+        self.relax = head in ("relax", "both")
+        outputs = 3 * self.guess + self.relax
+        self.network = MLP(7, hidden, outputs, "relu", dtype=torch.float32)
+        if self.relax:
+            with torch.no_grad():
+                self.network.layers[-1].bias[-1] = -1.0
+        self.base = PreviousStep(relaxation)
+        self.register_buffer("mean", torch.zeros(7, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(7, dtype=torch.float64))
+
+    @staticmethod
+    def _logs(features: Tensor) -> Tensor:
+        return features.to(torch.float64).clamp_min(1e-30).log()
+
+    @torch.no_grad()
+    def fit_inputs(self, features: Tensor) -> None:
+        """Set the standardisation from the training tasks' features ``(B, 7)``."""
+        logs = self._logs(features).to(self.mean)
+        self.mean.copy_(logs.mean(dim=0))
+        self.scale.copy_(logs.std(dim=0).clamp_min(1e-12))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        y0, r = self.base(features)
+        inputs = ((self._logs(features) - self.mean) / self.scale).to(torch.float32)
+        out = self.network(inputs).to(torch.float64)
+        if self.guess:
+            y0 = y0 * torch.exp(torch.tanh(out[:, :3]))
+        if self.relax:
+            r = torch.sigmoid(out[:, -1]) + 1
+        return y0, r

@@ -36,16 +36,17 @@ class TrainOptions:
 
     ``None`` picks the experiment's default: for ``m`` (the fixed iteration
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
-    ``default_m``; for ``epochs``, ``batch_size`` and ``lr`` its
-    ``train_config`` (the paper's settings). ``p`` is an option of
-    ``poisson1d`` only; ``clip`` (``None``: the paper's loss) of ``elasticity``
-    only. :func:`train_metasolver` saves the resolved values.
+    ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
+    ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
+    ``p`` is an option of ``poisson1d`` only; ``clip`` (``None``: the paper's
+    loss) of ``elasticity`` only; ``head`` and ``sets`` of ``robertson`` only.
+    :func:`train_metasolver` saves the resolved values.
     """
 
     problem: str = "poisson1d"
     loss: str = "surrogate"
     m: int | None = None
-    tol: float = 1e-6
+    tol: float | None = None
     p: float | None = None
     epochs: int | None = None
     seed: int = 0
@@ -53,9 +54,11 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     clip: float | None = None
+    head: str | None = None
+    sets: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("m", "epochs", "seed", "batch_size"):
+        for name in ("m", "epochs", "seed", "batch_size", "sets"):
             value = getattr(self, name)
             if not (value is None and name != "seed") and (
                 isinstance(value, bool) or not isinstance(value, int)
@@ -63,11 +66,13 @@ class TrainOptions:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("tol", "p", "gain", "lr", "clip"):
             value = getattr(self, name)
-            if isinstance(value, bool | str) or (value is None and name in ("tol", "gain")):
+            if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.head is not None and not isinstance(self.head, str):
+            raise ValueError(f"head must be a string, got {self.head!r}")
         if self.loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
-        if not (self.tol > 0 and self.tol < 1):
+        if self.tol is not None and not (self.tol > 0 and self.tol < 1):
             raise ValueError(f"tolerance must lie in (0, 1), got {self.tol!r}")
         if self.m is not None and (self.m < 0 or (self.loss == "surrogate" and self.m < 1)):
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
@@ -77,7 +82,8 @@ class TrainOptions:
 
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
-    params = {} if options.p is None else {"p": options.p}
+    given = {"p": options.p, "head": options.head, "sets": options.sets}
+    params = {name: value for name, value in given.items() if value is not None}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
 
@@ -144,7 +150,10 @@ def _train(
     options = replace(
         options,
         m=experiment.default_m(options.loss) if options.m is None else options.m,
+        tol=experiment.default_tol if options.tol is None else options.tol,
         p=experiment.params().get("p"),
+        head=experiment.params().get("head"),
+        sets=experiment.params().get("sets"),
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
@@ -159,10 +168,8 @@ def _train(
     if monitor_iterations:
 
         def monitor(psi: nn.Module) -> float:
-            result = experiment.solve(psi, validation_tasks, options.tol, experiment.evaluation_cap)
-            return IterationStats.from_result(
-                result, options.tol, experiment.evaluation_cap
-            ).mean_iterations
+            stats = experiment.stats(psi, validation_tasks, options.tol, experiment.evaluation_cap)
+            return stats.mean_iterations
 
     checkpoint = None
     if out is not None:
@@ -209,16 +216,26 @@ def _train(
 
 
 def load_metasolver(
-    run_dir: Path, problem: str, p: float | None = None, device: str | torch.device = "cpu"
+    run_dir: Path,
+    problem: str,
+    p: float | None = None,
+    device: str | torch.device = "cpu",
+    sets: int | None = None,
 ) -> tuple[Any, nn.Module]:
-    """Load a trained meta-solver onto ``device``; ``p`` overrides the task distribution."""
+    """Load a trained meta-solver onto ``device``.
+
+    ``p`` (poisson1d) and ``sets`` (robertson) override the model's task distribution.
+    """
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
-    if p is not None:
-        if "p" not in params:
-            raise RunError(f"--p applies to poisson1d only; {run_dir} is a {problem!r} model")
-        params["p"] = p
+    for name, value, owner in (("p", p, "poisson1d"), ("sets", sets, "robertson")):
+        if value is not None:
+            if name not in params:
+                raise RunError(
+                    f"--{name} applies to {owner} only; {run_dir} is a {problem!r} model"
+                )
+            params[name] = value
     try:
         experiment = get_experiment(problem, **params, device=device)
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
@@ -246,6 +263,4 @@ def evaluate_metasolver(
 ) -> IterationStats:
     """L_eps on the test split: iterations of Phi_eps from Psi's parameters, per task."""
     cap = experiment.evaluation_cap if max_iterations is None else max_iterations
-    tasks = experiment.tasks("test", seed)
-    result = experiment.solve(metasolver, tasks, tol, cap)
-    return IterationStats.from_result(result, tol, cap)
+    return experiment.stats(metasolver, experiment.tasks("test", seed), tol, cap)

@@ -195,3 +195,75 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert base["median_alpha"] == pytest.approx(10**-0.6)
     assert abs(base["mean"] - 155.75) < 5 and abs(base["convergence_ratio"] - 0.676) < 0.02
     assert json.loads((tmp_path / "results.json").read_text()) == table
+
+
+@pytest.fixture(scope="module")
+def robertson_model(tmp_path_factory, invoke):
+    """A 1-epoch L_m (m = 1) Psi_relax run on 8 parameter sets."""
+    out = tmp_path_factory.mktemp("runs") / "robertson"
+    result = invoke("train", "robertson", "--head", "relax", "--loss", "m", "--m", "1",
+                    "--epochs", "1", "--sets", "8", "--batch-size", "64", "--device", "cpu",
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_robertson_saves_its_options(robertson_model):
+    config = json.loads((robertson_model / "config.json").read_text())
+    assert (config["problem"], config["solver"]) == ("robertson", "newton-sor")
+    assert config["problem_params"] == {"head": "relax", "sets": 8}
+    options = config["options"]
+    assert (options["m"], options["tol"], options["lr"], options["batch_size"]) == (
+        1,
+        1e-9,
+        2e-5,
+        64,
+    )
+    # The monitor solved the 200 validation tasks to 1e-9 after the epoch.
+    history = json.loads((robertson_model / "history.json").read_text())
+    assert len(history) == 1 and 1 < history[0]["validation_iterations"] < 100
+
+
+def test_evaluate_robertson_model_and_baseline(robertson_model, tmp_path, monkeypatch, invoke):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = invoke(
+        "evaluate", "robertson", "--model", robertson_model, "--json", "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["n_tasks"], summary["tol"], summary["max_iterations"]) == (400, 1e-9, 10_000)
+    assert summary["convergence_ratio"] == 1.0 and 1 < summary["mean_iterations"] < 100
+    result = invoke("evaluate", "robertson", "--baseline", "base", "--sets", "8", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_tasks"] == 400
+    assert list(tmp_path.glob("femeta/robertson-rbase-*.json"))
+
+
+def test_robertson_option_errors(robertson_model, beam_model, invoke):
+    cases = {
+        ("train", "robertson", "--head", "guess", "--out", robertson_model.parent / "x"):
+            "unknown head 'guess'",
+        ("train", "robertson", "--sets", "2", "--out", robertson_model.parent / "y"): "sets must",
+        ("train", "elasticity", "--head", "ini", "--out", robertson_model.parent / "z"):
+            "no option head",
+        ("evaluate", "elasticity", "--model", beam_model, "--sets", "8"): "robertson only",
+        ("evaluate", "robertson", "--baseline", "best"): "must be one of ['base']",
+        ("reproduce", "table1", "--rows", "both/m=7"): "unknown Table 1 rows",
+    }  # fmt: skip
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+
+
+def test_reproduce_table1_rows_end_to_end(tmp_path, monkeypatch, invoke):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = invoke("reproduce", "table1", "--rows", "base,relax/eps=1e-09", "--epochs", "1",
+                    "--sets", "8", "--json", "--out", tmp_path / "table")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    assert [row["label"] for row in table["rows"]] == ["base", "relax/eps=1e-09"]
+    base, relax = table["rows"]
+    assert (base["paper"], relax["paper"]) == (70.51, 14.38) and table["sets"] == 8
+    assert base["convergence_ratio"] == 1.0 and 1 < base["median_relaxation"] < 2
+    assert json.loads((tmp_path / "table" / "results.json").read_text()) == table

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from femeta._fenics import has_dolfinx
+from femeta.evaluation import IterationStats
 from femeta.experiments import ElasticityIccg, Poisson1DJacobi, get_experiment
 from femeta.losses import iteration_surrogate
-from femeta.metasolvers import ConstantShift, ShiftGrid, ShiftNet
+from femeta.metasolvers import ConstantShift, PreviousStep, ShiftGrid, ShiftNet
+from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.iccg import iccg
 
 needs_dolfinx = pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx to assemble")
@@ -199,3 +203,70 @@ def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks)
         experiment.objective("surrogate", 243, 1e-6, clip=0.0)
     with pytest.raises(ValueError, match="elasticity shift only"):
         Poisson1DJacobi().objective("m", 5, None, clip=1.0)
+
+
+@pytest.fixture
+def robertson(tmp_path, monkeypatch):
+    """Robertson on 8 parameter sets (200 train tasks), with a private cache for r_base."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return get_experiment("robertson", head="both", sets=8)
+
+
+def test_robertson_base_relaxation_is_the_searched_minimum_and_is_cached(robertson, monkeypatch):
+    tasks = robertson.tasks("train", 0)
+    r_base = robertson.base_relaxation(tasks)
+    record = json.loads(next((default_cache_dir()).glob("robertson-rbase-*.json")).read_text())
+    means = {float(r): mean for r, mean in record["mean_iterations"].items()}
+    assert r_base == min(means, key=means.get) and 1 <= r_base < 2
+    # Its neighbours at 0.01 were tried, and the stop rule saw a mean above twice the best.
+    assert {round(r_base - 0.01, 2), round(r_base + 0.01, 2)} <= set(means) | {0.99}
+    assert max(means.values()) > 2 * min(means.values())
+    stats = robertson.stats(PreviousStep(r_base), tasks, 1e-9, 10_000)
+    assert stats.mean_iterations == means[r_base]
+
+    def no_solves(*args):
+        raise AssertionError("r_base was searched again")
+
+    monkeypatch.setattr(robertson, "stats", no_solves)
+    assert robertson.base_relaxation(tasks) == r_base
+
+
+def test_robertson_objective_is_the_loss_of_the_solve(robertson):
+    tasks = robertson.tasks("validation", 0)
+    torch.manual_seed(0)
+    network = robertson.metasolver("nn", robertson.tasks("train", 0))
+    with torch.no_grad():
+        surrogate = robertson.objective("surrogate", 2000, 1e-9)(network, tasks)
+        expected = iteration_surrogate(robertson.solve(network, tasks, 1e-9, 2000), 1e-9)
+        torch.testing.assert_close(surrogate, expected)
+        error = robertson.objective("m", 5, None)(network, tasks)
+        torch.testing.assert_close(error, robertson.solve(network, tasks, None, 5).final_error)
+    with pytest.raises(ValueError, match="elasticity shift only"):
+        robertson.objective("m", 5, None, clip=1.0)
+
+
+def test_robertson_stats_in_chunks_equal_one_solve(robertson, monkeypatch):
+    tasks = robertson.tasks("test", 0)
+    psi = PreviousStep(1.2)
+    monkeypatch.setattr(type(robertson), "evaluation_chunk", 37)
+    chunked = robertson.stats(psi, tasks, 1e-9, 10_000)
+    whole = IterationStats.from_result(robertson.solve(psi, tasks, 1e-9, 10_000), 1e-9, 10_000)
+    assert np.array_equal(chunked.iterations, whole.iterations) and len(tasks) == 400
+
+
+def test_robertson_defaults_and_option_errors():
+    experiment = get_experiment("robertson", sets=8)
+    assert (experiment.default_m("m"), experiment.default_m("surrogate")) == (5, 2000)
+    assert experiment.default_tol == 1e-9 and experiment.evaluation_cap == 10_000
+    config = experiment.train_config(None, None, None, 0)
+    assert (config.epochs, config.batch_size, config.lr, config.milestones) == (
+        200, 16384, 2e-5, (100, 150),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown head 'guess'"):
+        get_experiment("robertson", head="guess")
+    with pytest.raises(ValueError, match="sets must be an integer >= 4"):
+        get_experiment("robertson", sets=2)
+    with pytest.raises(ValueError, match="elasticity takes no option head"):
+        get_experiment("elasticity", head="both")
+    with pytest.raises(ValueError, match="Psi_base is fitted on the training tasks"):
+        experiment.metasolver("base")

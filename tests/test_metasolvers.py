@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from femeta.metasolvers import MLP, EigenbasisGuess, ZeroGuess
+from femeta.metasolvers import MLP, EigenbasisGuess, NewtonSorNet, PreviousStep, ZeroGuess
 from femeta.problems.poisson1d import Poisson1D
 
 
@@ -31,3 +33,33 @@ def test_eigenbasis_guess_is_a_combination_of_eigenvectors():
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="unknown activation"):
         MLP(2, (3,), 1, "gelu2")
+
+
+def test_newton_sor_heads_predict_what_they_name():
+    features = torch.tensor(
+        [[0.04, 3e7, 1e4, 1e-3, 0.9, 1e-6, 0.1], [1e-3, 1e6, 1e3, 1.0, 0.5, 0.0, 0.5]],
+        dtype=torch.float64,
+    )
+    torch.manual_seed(0)
+    base_y, base_r = PreviousStep(1.25)(features)
+    assert torch.equal(base_y, features[:, 4:]) and torch.equal(base_r, torch.full((2,), 1.25))
+    for head in NewtonSorNet.heads:
+        network = NewtonSorNet(head, 1.25, hidden=(16, 16))
+        network.fit_inputs(features)
+        y0, r = network(features)
+        assert y0.dtype == r.dtype == torch.float64 and y0.shape == (2, 3) and r.shape == (2,)
+        if head == "relax":
+            assert torch.equal(y0, features[:, 4:])
+        else:  # a change of log y_n by tanh(.): within a factor e, and zero stays zero
+            ratio = y0[features[:, 4:] > 0] / features[:, 4:][features[:, 4:] > 0]
+            assert bool((ratio > math.exp(-1)).all() and (ratio < math.e).all())
+            assert not torch.equal(y0, features[:, 4:]) and y0[1, 1] == 0
+        if head == "ini":
+            assert torch.equal(r, torch.full((2,), 1.25, dtype=torch.float64))
+        else:
+            assert network.network.layers[-1].bias[-1].item() == -1.0
+            assert bool((r > 1).all() and (r < 2).all())
+    with pytest.raises(ValueError, match="unknown head"):
+        NewtonSorNet("guess", 1.2)
+    with pytest.raises(ValueError, match=r"\(0, 2\]"):
+        PreviousStep(2.5)
