@@ -106,6 +106,16 @@ def test_bad_task_space_is_rejected(kwargs, message):
         Robertson(**kwargs)
 
 
+def test_newton_solves_a_long_step_where_a_descent_test_stalls():
+    # The first full Newton step raises ||g|| from 0.02 to 6; the next three converge.
+    rates = torch.tensor([[0.43693, 6.3310e5, 9.6856e5]], dtype=torch.float64)
+    h = torch.tensor([352.45], dtype=torch.float64)
+    start = torch.tensor([[0.94621, 7.9358e-6, 5.3783e-2]], dtype=torch.float64)
+    y = solve_step(rates, h, start)
+    assert float(torch.linalg.vector_norm(backward_euler_system(rates, h, start, y)[0])) <= 1e-13
+    assert bool((y > 0).all()) and abs(float(y.sum() - start.sum())) < 1e-14
+
+
 def test_newton_reports_steps_it_cannot_solve():
     rates = torch.tensor([[0.04, 3e7, 1e4]], dtype=torch.float64)
     with pytest.raises(RuntimeError, match="did not reach"):
