@@ -113,7 +113,7 @@ def test_newton_solves_a_long_step_where_a_descent_test_stalls():
     start = torch.tensor([[0.94621, 7.9358e-6, 5.3783e-2]], dtype=torch.float64)
     y = solve_step(rates, h, start)
     assert float(torch.linalg.vector_norm(backward_euler_system(rates, h, start, y)[0])) <= 1e-13
-    assert bool((y > 0).all()) and abs(float(y.sum() - start.sum())) < 1e-14
+    assert bool((y > 0).all()) and abs(float(y.sum() - start.sum())) < 1e-12
 
 
 def test_newton_reports_steps_it_cannot_solve():
