@@ -433,7 +433,8 @@ def table2_command(
 @friendly
 def table1_command(
     quick: Annotated[
-        bool, typer.Option("--quick", help="3 epochs on 400 parameter sets (minutes).")
+        bool,
+        typer.Option("--quick", help="3 epochs on 400 parameter sets, batch 1024 (minutes)."),
     ] = False,
     epochs: RunEpochs = None,
     sets: Annotated[
@@ -441,6 +442,10 @@ def table1_command(
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Adam learning rate of every run. [default: 2e-5]")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Tasks per step of every run. [default: 16384; --quick 1024]"),
     ] = None,
     rows: Annotated[
         str | None,
@@ -458,7 +463,10 @@ def table1_command(
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     if lr is not None and not lr > 0:
         raise UsageError(f"--lr must be positive, got {lr}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     sets = (400 if quick else 10_000) if sets is None else sets
+    batch_size = 1024 if quick and batch_size is None else batch_size
     budget = reproduce.epochs_budget("table1", quick, epochs)
     labels = None if rows is None else [label.strip() for label in rows.split(",")]
     grid = reproduce.table1_grid(labels)
@@ -467,7 +475,7 @@ def table1_command(
     with progress:
         bar = progress.add_task("table 1", total=len(grid))
         results = reproduce.run_table1(
-            budget, seed, jobs, sets, lr, lambda: progress.advance(bar), labels
+            budget, seed, jobs, sets, lr, batch_size, lambda: progress.advance(bar), labels
         )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

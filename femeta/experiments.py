@@ -417,8 +417,9 @@ class RobertsonNewtonSor:
     def base_relaxation(self, tasks: TaskSet) -> float:
         """r_base: the factor with the fewest mean iterations to 1e-9 (cap 10^4) on ``tasks``.
 
-        A brute-force search: :attr:`coarse_grid` in steps of 0.05, stopped once the
-        mean exceeds twice the best so far, then steps of 0.01 around the best.
+        A brute-force search in ``[1, 2)``: :attr:`coarse_grid` in steps of 0.05,
+        stopped once the mean exceeds twice the best so far, then steps of 0.01
+        around the best.
         The result is cached on disk, keyed by the tasks, so it runs once per dataset.
         """
         key = tasks_digest(tasks["c"], tasks["h"], tasks["y_prev"])[:24]
@@ -438,7 +439,7 @@ class RobertsonNewtonSor:
                 break
         best = min(means, key=means.get)
         for r in (round(best + k / 100, 2) for k in range(-4, 5)):
-            if 0 < r < 2:
+            if 1 <= r < 2:  # the paper's range of r
                 mean(r)
         best = min(means, key=means.get)
         record = {"r_base": best, "mean_iterations": means, "tol": self.default_tol,
