@@ -140,6 +140,13 @@ def train_command(
             "'relax' (relaxation factor) or 'both'. [default: both]"
         ),
     ] = None,
+    guess_init: Annotated[
+        str | None,
+        typer.Option(
+            help="robertson only: 'zero' starts the initial-guess head at y_n (not in the "
+            "paper); 'default' keeps PyTorch's random start. [default: zero]"
+        ),
+    ] = None,
     sets: Annotated[
         int | None,
         typer.Option(
@@ -197,7 +204,7 @@ def train_command(
         given = {
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "head": head,
-            "sets": sets,
+            "sets": sets, "guess_init": guess_init,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

@@ -331,7 +331,8 @@ class RobertsonNewtonSor:
     tolerance is 1e-9 and its test cap ``10^4``. ``head`` picks the meta-solver
     trained as Psi_nn: ``ini``, ``relax`` or ``both``. ``sets`` is the number of
     parameter sets (the paper: 10,000), split 1/4 train, 1/4 validation, 1/2
-    test; each set gives 100 tasks.
+    test; each set gives 100 tasks. ``guess_init`` is the network's
+    (:class:`~femeta.metasolvers.NewtonSorNet`): ``zero`` (ours) or ``default``.
     """
 
     name: ClassVar[str] = "robertson"
@@ -347,6 +348,7 @@ class RobertsonNewtonSor:
 
     head: str = "both"
     sets: int = 10_000
+    guess_init: str = "zero"
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: Robertson = field(init=False, repr=False)
 
@@ -355,6 +357,9 @@ class RobertsonNewtonSor:
         if self.head not in NewtonSorNet.heads:
             heads = list(NewtonSorNet.heads)
             raise ValueError(f"unknown head {self.head!r} for robertson; expected one of {heads}")
+        if self.guess_init not in NewtonSorNet.guess_inits:
+            choices = list(NewtonSorNet.guess_inits)
+            raise ValueError(f"unknown guess_init {self.guess_init!r}; expected one of {choices}")
         if isinstance(self.sets, bool) or not isinstance(self.sets, int) or self.sets < 4:
             raise ValueError(f"sets must be an integer >= 4, got {self.sets!r}")
         quarter = self.sets // 4
@@ -370,7 +375,7 @@ class RobertsonNewtonSor:
         }[self.head]
 
     def params(self) -> dict[str, Any]:
-        return {"head": self.head, "sets": self.sets}
+        return {"head": self.head, "sets": self.sets, "guess_init": self.guess_init}
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         return self.problem.split(split, seed).to(self.device)
@@ -408,7 +413,7 @@ class RobertsonNewtonSor:
             relaxation = 1.0
             if train_tasks is not None and self.head == "ini":
                 relaxation = self.base_relaxation(train_tasks)
-            network = NewtonSorNet(self.head, relaxation)
+            network = NewtonSorNet(self.head, relaxation, guess_init=self.guess_init)
             if train_tasks is not None:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)

@@ -187,22 +187,43 @@ class NewtonSorNet(nn.Module):
     A head that does not predict a quantity uses ``y_n``, or the constant
     ``relaxation`` (``r_base``). The network computes in float32 (2x faster
     than float64 on a CPU); its outputs are returned in float64.
+
+    ``guess_init="zero"`` (not in the paper) starts the guess outputs' weights
+    and biases at zero, so that training starts from ``y_n``, as the bias of -1
+    starts ``r`` near 1.27; ``"default"`` keeps PyTorch's initialisation, under
+    which the first guesses are ``y_n`` scaled by random factors in
+    ``(1/e, e)``: worse than ``y_n`` (BENCHMARKS.md, Table 1).
     """
 
     heads = ("ini", "relax", "both")
+    guess_inits = ("zero", "default")
 
-    def __init__(self, head: str, relaxation: float, hidden: Sequence[int] = (1024, 1024)):
+    def __init__(
+        self,
+        head: str,
+        relaxation: float,
+        hidden: Sequence[int] = (1024, 1024),
+        guess_init: str = "zero",
+    ):
         super().__init__()
         if head not in self.heads:
             raise ValueError(f"unknown head {head!r}; expected one of {list(self.heads)}")
+        if guess_init not in self.guess_inits:
+            raise ValueError(
+                f"unknown guess_init {guess_init!r}; expected one of {list(self.guess_inits)}"
+            )
         self.head = head
         self.guess = head in ("ini", "both")
         self.relax = head in ("relax", "both")
         outputs = 3 * self.guess + self.relax
         self.network = MLP(7, hidden, outputs, "relu", dtype=torch.float32)
-        if self.relax:
-            with torch.no_grad():
-                self.network.layers[-1].bias[-1] = -1.0
+        last = self.network.layers[-1]
+        with torch.no_grad():
+            if self.relax:
+                last.bias[-1] = -1.0
+            if self.guess and guess_init == "zero":
+                last.weight[:3].zero_()
+                last.bias[:3].zero_()
         self.base = PreviousStep(relaxation)
         self.register_buffer("mean", torch.zeros(7, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(7, dtype=torch.float64))

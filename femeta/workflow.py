@@ -39,7 +39,8 @@ class TrainOptions:
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` (``None``: the paper's
-    loss) of ``elasticity`` only; ``head`` and ``sets`` of ``robertson`` only.
+    loss) of ``elasticity`` only; ``head``, ``sets`` and ``guess_init`` of
+    ``robertson`` only.
     :func:`train_metasolver` saves the resolved values.
     """
 
@@ -56,6 +57,7 @@ class TrainOptions:
     clip: float | None = None
     head: str | None = None
     sets: int | None = None
+    guess_init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets"):
@@ -68,8 +70,10 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        if self.head is not None and not isinstance(self.head, str):
-            raise ValueError(f"head must be a string, got {self.head!r}")
+        for name in ("head", "guess_init"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
         if self.loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
         if self.tol is not None and not (self.tol > 0 and self.tol < 1):
@@ -82,7 +86,8 @@ class TrainOptions:
 
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
-    given = {"p": options.p, "head": options.head, "sets": options.sets}
+    given = {"p": options.p, "head": options.head, "sets": options.sets,
+             "guess_init": options.guess_init}  # fmt: skip
     params = {name: value for name, value in given.items() if value is not None}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
@@ -153,6 +158,7 @@ def _train(
         tol=experiment.default_tol if options.tol is None else options.tol,
         p=experiment.params().get("p"),
         head=experiment.params().get("head"),
+        guess_init=experiment.params().get("guess_init"),
         sets=experiment.params().get("sets"),
         epochs=config.epochs,
         batch_size=config.batch_size,

@@ -211,7 +211,7 @@ def robertson_model(tmp_path_factory, invoke):
 def test_train_robertson_saves_its_options(robertson_model):
     config = json.loads((robertson_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("robertson", "newton-sor")
-    assert config["problem_params"] == {"head": "relax", "sets": 8}
+    assert config["problem_params"] == {"head": "relax", "sets": 8, "guess_init": "zero"}
     options = config["options"]
     assert (options["m"], options["tol"], options["lr"], options["batch_size"]) == (
         1,

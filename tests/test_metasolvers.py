@@ -44,7 +44,8 @@ def test_newton_sor_heads_predict_what_they_name():
     base_y, base_r = PreviousStep(1.25)(features)
     assert torch.equal(base_y, features[:, 4:]) and torch.equal(base_r, torch.full((2,), 1.25))
     for head in NewtonSorNet.heads:
-        network = NewtonSorNet(head, 1.25, hidden=(16, 16))
+        assert torch.equal(NewtonSorNet(head, 1.25, hidden=(16, 16))(features)[0], base_y)
+        network = NewtonSorNet(head, 1.25, hidden=(16, 16), guess_init="default")
         network.fit_inputs(features)
         y0, r = network(features)
         assert y0.dtype == r.dtype == torch.float64 and y0.shape == (2, 3) and r.shape == (2,)
@@ -61,5 +62,7 @@ def test_newton_sor_heads_predict_what_they_name():
             assert bool((r > 1).all() and (r < 2).all())
     with pytest.raises(ValueError, match="unknown head"):
         NewtonSorNet("guess", 1.2)
+    with pytest.raises(ValueError, match="unknown guess_init"):
+        NewtonSorNet("both", 1.2, guess_init="ones")
     with pytest.raises(ValueError, match=r"\(0, 2\]"):
         PreviousStep(2.5)

@@ -116,6 +116,14 @@ def test_newton_solves_a_long_step_where_a_descent_test_stalls():
     assert bool((y > 0).all()) and abs(float(y.sum() - start.sum())) < 1e-12
 
 
+@pytest.mark.parametrize("h", [0.0, -1e-3, float("nan")])
+def test_bad_step_sizes_are_rejected(h):
+    rates = torch.tensor([[0.04, 3e7, 1e4]], dtype=torch.float64)
+    start = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="step sizes h_n must be positive"):
+        solve_step(rates, torch.tensor([h], dtype=torch.float64), start)
+
+
 def test_newton_reports_steps_it_cannot_solve():
     rates = torch.tensor([[0.04, 3e7, 1e4]], dtype=torch.float64)
     with pytest.raises(RuntimeError, match="did not reach"):

@@ -161,6 +161,10 @@ def solve_step(
     descent test on ``||g||`` stalls on some long stiff steps where Newton
     converges. A ``RuntimeError`` names the tasks that do not converge.
     """
+    if not bool((torch.isfinite(h) & (h > 0)).all()):
+        raise ValueError("step sizes h_n must be positive and finite (no NaN)")
+    if not bool((torch.isfinite(y_prev) & (y_prev >= 0)).all()):
+        raise ValueError("the previous state y_n must be finite and non-negative (no NaN)")
     y = y_prev.clone()
     for _ in range(max_iterations):
         g, jacobian = backward_euler_system(rates, h, y_prev, y)
