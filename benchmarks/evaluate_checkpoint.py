@@ -24,7 +24,7 @@ from femeta.workflow import TrainOptions, build_experiment, evaluate_metasolver
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--tol", type=float, default=None, help="default: the training tolerance")
     parser.add_argument("--max-iterations", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -36,7 +36,8 @@ def main() -> None:
     metasolver = experiment.metasolver("nn")
     metasolver.load_state_dict(trainer["best_state"])
     metasolver.eval()
-    stats = evaluate_metasolver(experiment, metasolver, args.tol, options.seed, args.max_iterations)
+    tol = options.tol if args.tol is None else args.tol
+    stats = evaluate_metasolver(experiment, metasolver, tol, options.seed, args.max_iterations)
     summary = {
         "problem": options.problem,
         "checkpoint": str(args.checkpoint),
