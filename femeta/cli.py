@@ -343,6 +343,32 @@ TableSeed = Annotated[int, typer.Option(help="Seed of data and weights.")]
 TableJson = Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")]
 
 
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+
+
+def row_labels(rows: str | None) -> list[str] | None:
+    """The labels of ``--rows a,b,c``; ``None`` (every row) when not given."""
+    return None if rows is None else [label.strip() for label in rows.split(",")]
+
+
+def report_table(
+    results: dict[str, Any], rich_table: Callable[[dict[str, Any]], Any], out: Path | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Write ``OUT/results.json`` when asked, then print JSON or the rich table."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out) / "results.json", json.dumps(results, indent=1).encode())
+    if as_json:
+        typer.echo(json.dumps(results))
+    else:
+        Console().print(rich_table(results))
+        if out is not None:
+            typer.echo(f"wrote {out}/results.json")
+
+
 def table_progress(as_json: bool) -> Progress:
     """A bar over the rows of a table, on stderr, only on a terminal and without --json."""
     return Progress(
@@ -372,8 +398,7 @@ def table3_command(
     """Table 3 / Figures 1-2: Jacobi initial guesses on 1D Poisson, L_m against L~_eps."""
     from femeta import reproduce
 
-    if jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    check_jobs(jobs)
     budget = reproduce.epochs_budget("table3", quick, epochs)
     progress = table_progress(as_json)
     with progress:
@@ -412,12 +437,11 @@ def table2_command(
     """Table 2: the ICCG shift on clamped beams, L_m against L~_eps, beside Psi_base/best."""
     from femeta import reproduce
 
-    if jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    check_jobs(jobs)
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
     budget = reproduce.epochs_budget("table2", quick, epochs)
-    labels = None if rows is None else [label.strip() for label in rows.split(",")]
+    labels = row_labels(rows)
     grid = reproduce.table2_grid(labels)
     progress = table_progress(as_json)
     with progress:
@@ -425,15 +449,7 @@ def table2_command(
         results = reproduce.run_table2(
             budget, seed, jobs, max_iterations, lambda: progress.advance(bar), labels
         )
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out) / "results.json", json.dumps(results, indent=1).encode())
-    if as_json:
-        typer.echo(json.dumps(results))
-    else:
-        Console().print(reproduce.table2_rich(results))
-        if out is not None:
-            typer.echo(f"wrote {out}/results.json")
+    report_table(results, reproduce.table2_rich, out, as_json)
 
 
 @reproduce_app.command("table1")
@@ -466,8 +482,7 @@ def table1_command(
     """Table 1: Newton-SOR on Robertson steps, L_m against L~_eps, and which head to learn."""
     from femeta import reproduce
 
-    if jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    check_jobs(jobs)
     if lr is not None and not lr > 0:
         raise UsageError(f"--lr must be positive, got {lr}")
     if batch_size is not None and batch_size < 1:
@@ -475,7 +490,7 @@ def table1_command(
     sets = (400 if quick else 10_000) if sets is None else sets
     batch_size = 1024 if quick and batch_size is None else batch_size
     budget = reproduce.epochs_budget("table1", quick, epochs)
-    labels = None if rows is None else [label.strip() for label in rows.split(",")]
+    labels = row_labels(rows)
     grid = reproduce.table1_grid(labels)
     get_experiment("robertson", sets=sets)  # checks sets before any worker starts
     progress = table_progress(as_json)
@@ -484,15 +499,7 @@ def table1_command(
         results = reproduce.run_table1(
             budget, seed, jobs, sets, lr, batch_size, lambda: progress.advance(bar), labels
         )
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out) / "results.json", json.dumps(results, indent=1).encode())
-    if as_json:
-        typer.echo(json.dumps(results))
-    else:
-        Console().print(reproduce.table1_rich(results))
-        if out is not None:
-            typer.echo(f"wrote {out}/results.json")
+    report_table(results, reproduce.table1_rich, out, as_json)
 
 
 @app.command("plot")

@@ -198,16 +198,8 @@ class ElasticityIccg:
     def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
                      seed: int) -> TrainConfig:  # fmt: skip
         """Appendix C.3: Adam, batch 128, lr 1e-3 cut by 5 at 1/2 and 3/4 of 200 epochs."""
-        epochs = 200 if epochs is None else epochs
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=128 if batch_size is None else batch_size,
-            lr=1e-3 if lr is None else lr,
-            betas=(0.9, 0.999),
-            schedule="steps",
-            milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
-            seed=seed,
-        )
+        return _paper_steps(epochs, 128 if batch_size is None else batch_size,
+                            1e-3 if lr is None else lr, seed)  # fmt: skip
 
     def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
         """``base`` (constant alpha), ``best`` (per-task grid search) or ``nn`` (the MLP).
@@ -387,16 +379,8 @@ class RobertsonNewtonSor:
     def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
                      seed: int) -> TrainConfig:  # fmt: skip
         """Appendix C.2: Adam, batch 16384, lr 2e-5 cut by 5 at 1/2 and 3/4 of 200 epochs."""
-        epochs = 200 if epochs is None else epochs
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=16384 if batch_size is None else batch_size,
-            lr=2e-5 if lr is None else lr,
-            betas=(0.9, 0.999),
-            schedule="steps",
-            milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
-            seed=seed,
-        )
+        return _paper_steps(epochs, 16384 if batch_size is None else batch_size,
+                            2e-5 if lr is None else lr, seed)  # fmt: skip
 
     def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
         """``base`` (``y_n`` and ``r_base``) or ``nn`` (the ``head`` network).
@@ -514,6 +498,20 @@ class _ClipLogDerivative(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (alpha,) = ctx.saved_tensors
         return (grad * alpha).clamp(-ctx.limit, ctx.limit) / alpha, None
+
+
+def _paper_steps(epochs: int | None, batch_size: int, lr: float, seed: int) -> TrainConfig:
+    """Adam (betas 0.9, 0.999), ``epochs`` (default 200), lr cut by 5 at 1/2 and 3/4 of them."""
+    epochs = 200 if epochs is None else epochs
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        betas=(0.9, 0.999),
+        schedule="steps",
+        milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
+        seed=seed,
+    )
 
 
 Experiment = Poisson1DJacobi | ElasticityIccg | RobertsonNewtonSor

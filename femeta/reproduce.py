@@ -59,6 +59,40 @@ PAPER_TABLE3: dict[tuple[float, str], tuple[float, ...]] = {
 }
 
 
+def _run_rows(
+    worker: Callable[..., dict],
+    grid: list[dict[str, Any]],
+    order: Sequence[int],
+    jobs: int,
+    advance: Callable[[], None] | None,
+    *args: Any,
+) -> list[dict[str, Any]]:
+    """``worker(row, *args)`` for every row of ``grid``, ``jobs`` processes at a time,
+    submitted in ``order``; the results in the grid's order."""
+    context = multiprocessing.get_context("spawn")
+    rows: list[dict[str, Any]] = [{}] * len(grid)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(worker, grid[i], *args): i for i in order}
+        for future in concurrent.futures.as_completed(futures):
+            rows[futures[future]] = future.result()
+            if advance is not None:
+                advance()
+    return rows
+
+
+def _select_rows(
+    rows: list[dict[str, Any]], labels: Sequence[str] | None, table: str
+) -> list[dict[str, Any]]:
+    """The rows whose label is in ``labels`` (all when ``None``); unknown labels are an error."""
+    if labels is None:
+        return rows
+    known = [row["label"] for row in rows]
+    unknown = sorted(set(labels) - set(known))
+    if unknown or not labels:
+        raise ValueError(f"unknown {table} rows {unknown}; choose from {known}")
+    return [row for row in rows if row["label"] in labels]
+
+
 def table3_grid() -> list[dict[str, Any]]:
     """Every row of Table 3, for both mixtures: Psi_base, L_m for five m, L~_eps for four eps."""
     rows = []
@@ -122,14 +156,7 @@ def run_table3(
     order = sorted(
         range(len(grid)), key=lambda i: (grid[i]["loss"] != "surrogate", grid[i].get("tol", 0.0))
     )
-    context = multiprocessing.get_context("spawn")
-    rows: list[dict[str, Any] | None] = [None] * len(grid)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {pool.submit(_run_row, grid[i], epochs, seed): i for i in order}
-        for future in concurrent.futures.as_completed(futures):
-            rows[futures[future]] = future.result()
-            if advance is not None:
-                advance()
+    rows = _run_rows(_run_row, grid, order, jobs, advance, epochs, seed)
     return {"epochs": epochs, "seed": seed, "test_tolerances": list(TEST_TOLERANCES), "rows": rows}
 
 
@@ -222,13 +249,7 @@ def table2_grid(labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ]
     rows += [{"label": f"m={m}", "loss": "m", "m": m} for m in (1, 5, 25, 125, 243)]
     rows.append({"label": "eps=1e-06", "loss": "surrogate", "tol": 1e-6})
-    if labels is None:
-        return rows
-    known = [row["label"] for row in rows]
-    unknown = sorted(set(labels) - set(known))
-    if unknown or not labels:
-        raise ValueError(f"unknown Table 2 rows {unknown}; choose from {known}")
-    return [row for row in rows if row["label"] in labels]
+    return _select_rows(rows, labels, "Table 2")
 
 
 def _run_table2_row(row: dict[str, Any], epochs: int, seed: int, cap: int | None) -> dict:
@@ -288,16 +309,7 @@ def run_table2(
     # The expensive rows first (the grid search, then the long solves), so the pool stays busy.
     cost = {"best": 0, "eps=1e-06": 1, "m=243": 2, "m=125": 3}
     order = sorted(range(len(grid)), key=lambda i: cost.get(grid[i]["label"], 9))
-    context = multiprocessing.get_context("spawn")
-    rows: list[dict[str, Any] | None] = [None] * len(grid)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(_run_table2_row, grid[i], epochs, seed, max_iterations): i for i in order
-        }
-        for future in concurrent.futures.as_completed(futures):
-            rows[futures[future]] = future.result()
-            if advance is not None:
-                advance()
+    rows = _run_rows(_run_table2_row, grid, order, jobs, advance, epochs, seed, max_iterations)
     return {"epochs": epochs, "seed": seed, "tol": 1e-6, "rows": rows}
 
 
@@ -348,13 +360,7 @@ def table1_grid(labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
         {"label": f"{head}/eps=1e-09", "head": head, "loss": "surrogate", "m": 2000}
         for head in ("both", "ini", "relax")
     ]
-    if labels is None:
-        return rows
-    known = [row["label"] for row in rows]
-    unknown = sorted(set(labels) - set(known))
-    if unknown or not labels:
-        raise ValueError(f"unknown Table 1 rows {unknown}; choose from {known}")
-    return [row for row in rows if row["label"] in labels]
+    return _select_rows(rows, labels, "Table 1")
 
 
 def _run_table1_row(
@@ -372,12 +378,7 @@ def _run_table1_row(
     import torch
 
     from femeta.experiments import get_experiment
-    from femeta.workflow import (
-        TrainOptions,
-        baseline_metasolver,
-        evaluate_metasolver,
-        train_metasolver,
-    )
+    from femeta.workflow import TrainOptions, baseline_metasolver, train_metasolver
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -390,8 +391,8 @@ def _run_table1_row(
             epochs=epochs, seed=seed, sets=sets, lr=lr, batch_size=batch_size,
         )  # fmt: skip
         experiment, metasolver, _ = train_metasolver(options)
-    stats = evaluate_metasolver(experiment, metasolver, 1e-9, seed)
     test = experiment.tasks("test", seed)
+    stats = experiment.stats(metasolver, test, 1e-9, experiment.evaluation_cap)
     with torch.no_grad():
         _, relaxation = metasolver(test["features"])
     return row | {
@@ -421,18 +422,9 @@ def run_table1(
     (``None``: the paper's 2e-5 and 16384) apply to every trained row.
     """
     grid = table1_grid(labels)
-    context = multiprocessing.get_context("spawn")
     threads = max(1, (multiprocessing.cpu_count() or 1) // jobs)
-    rows: list[dict[str, Any] | None] = [None] * len(grid)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(_run_table1_row, row, epochs, seed, sets, lr, batch_size, threads): i
-            for i, row in enumerate(grid)
-        }
-        for future in concurrent.futures.as_completed(futures):
-            rows[futures[future]] = future.result()
-            if advance is not None:
-                advance()
+    rows = _run_rows(_run_table1_row, grid, range(len(grid)), jobs, advance,
+                     epochs, seed, sets, lr, batch_size, threads)  # fmt: skip
     return {"epochs": epochs, "seed": seed, "sets": sets, "lr": lr, "batch_size": batch_size,
             "tol": 1e-9, "rows": rows}  # fmt: skip
 

@@ -235,17 +235,17 @@ def load_metasolver(
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
-    for name, value, owner in (("p", p, "poisson1d"), ("sets", sets, "robertson")):
-        if value is not None:
-            if name not in params:
-                raise RunError(
-                    f"--{name} applies to {owner} only; {run_dir} is a {problem!r} model"
-                )
-            params[name] = value
+    overrides = {name: value for name, value in (("p", p), ("sets", sets)) if value is not None}
+    for name, owner in (("p", "poisson1d"), ("sets", "robertson")):
+        if name in overrides and name not in params:
+            raise RunError(f"--{name} applies to {owner} only; {run_dir} is a {problem!r} model")
     try:
-        experiment = get_experiment(problem, **params, device=device)
+        experiment = get_experiment(problem, **params | overrides, device=device)
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
     except (TypeError, ValueError) as err:
+        if overrides:
+            given = ", ".join(f"--{name} {value}" for name, value in overrides.items())
+            raise RunError(f"cannot evaluate {run_dir} with {given}: {err}") from err
         raise RunError(f"{run_dir}/config.json does not describe a usable model ({err})") from err
     restore(metasolver, state, Path(run_dir))
     metasolver.eval()
