@@ -312,31 +312,41 @@ def _inverse_preconditioner(A: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     band = nonzero.any(dim=0)
     first = band.int().argmax(dim=1).tolist()  # first nonzero column of each row
     last = (n - band.flip(0).int().argmax(dim=0)).tolist()  # one past the last row of each column
-    # Tangents are attached by hand, as torch's rules for dual-times-plain are slow.
+    # The tangent (d/d alpha) is carried by hand beside the primal: torch's forward-mode
+    # rules for the slice updates below cost several times the primal loop.
     alpha, alpha_tangent = fwAD.unpack_dual(alpha)
     diagonal = torch.diagonal(A, dim1=-2, dim2=-1)
     shifted = A + torch.diag_embed(alpha[:, None] * diagonal)
     factor = torch.zeros_like(A)
-    if alpha_tangent is not None:
-        shifted = fwAD.make_dual(shifted, torch.diag_embed(alpha_tangent[:, None] * diagonal))
-        factor = fwAD.make_dual(factor, torch.zeros_like(A))
+    tangent = None if alpha_tangent is None else torch.zeros_like(A)
     failed = torch.zeros(batch, dtype=torch.bool, device=A.device)
     for j in range(n):
         start, stop = first[j], max(last[j], j + 1)
-        column = shifted[:, j:stop, j] - _matvec(factor[:, j:stop, start:j], factor[:, j, start:j])
+        rows, row_j = factor[:, j:stop, start:j], factor[:, j, start:j]
+        column = shifted[:, j:stop, j] - _matvec(rows, row_j)
         pivot = column[:, 0]
-        failed = failed | ~(fwAD.unpack_dual(pivot).primal > 0)
+        failed = failed | ~(pivot > 0)
         root = torch.where(failed, 1.0, pivot).sqrt()
-        below = torch.where(failed[:, None], 0.0, column[:, 1:] / root[:, None])
+        keep = pattern[:, j + 1 : stop, j] & ~failed[:, None]
+        below = column[:, 1:] / root[:, None]
         factor[:, j, j] = root
-        factor[:, j + 1 : stop, j] = torch.where(pattern[:, j + 1 : stop, j], below, 0.0)
-    factor, factor_tangent = fwAD.unpack_dual(factor)
+        factor[:, j + 1 : stop, j] = torch.where(keep, below, 0.0)
+        if tangent is not None:
+            d_column = -(
+                _matvec(tangent[:, j:stop, start:j], row_j) + _matvec(rows, tangent[:, j, start:j])
+            )
+            d_column[:, 0] += alpha_tangent * diagonal[:, j]
+            d_root = torch.where(failed, 0.0, d_column[:, 0] / (2 * root))
+            d_below = (d_column[:, 1:] - below * d_root[:, None]) / root[:, None]
+            tangent[:, j, j] = d_root
+            tangent[:, j + 1 : stop, j] = torch.where(keep, d_below, 0.0)
     identity = torch.eye(n, dtype=A.dtype, device=A.device).expand(batch, n, n)
     inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)
     inverse = inverse_factor.mT @ inverse_factor
-    if factor_tangent is None:
+    if tangent is None:
         return inverse, failed
-    half = -(inverse_factor @ factor_tangent @ inverse_factor).mT @ inverse_factor
+    # d (L L^T)^{-1} = -L^{-T} (X + X^T) L^{-1} with X = L^{-1} dL.
+    half = -(inverse_factor @ tangent @ inverse_factor).mT @ inverse_factor
     return fwAD.make_dual(inverse, half + half.mT), failed
 
 
