@@ -80,7 +80,10 @@ def newton_sor(
     y = y0
     g, jacobian = system(y, rows)
     norm = torch.linalg.vector_norm(g, dim=-1)
-    history = [norm]
+    # The history is kept sparse, (instance, step, residual) of the running instances,
+    # and scattered into a dense (B, K) tensor once: a per-step dense row would cost
+    # O(B) per step, forward and backward, however few instances are still running.
+    history_rows, history_steps, history_values = [rows], [torch.zeros_like(rows)], [norm]
     iterations = torch.full((batch,), max_iterations, dtype=torch.long, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     diverged_at = torch.full((batch,), max_iterations + 1, dtype=torch.long, device=device)
@@ -129,12 +132,17 @@ def newton_sor(
         y = new
         g, jacobian = system(y, rows)
         norm = torch.linalg.vector_norm(g, dim=-1)
-        history.append(y0.new_zeros(batch).index_put((rows,), norm))
+        history_rows.append(rows)
+        history_steps.append(torch.full_like(rows, len(history_steps)))
+        history_values.append(norm)
 
     x = torch.zeros_like(y0)
     for index, values in stops:
         x = x.index_put((index,), values)
-    history = torch.stack(history, dim=1)
+    width = len(history_steps)
+    flat = torch.cat(history_rows) * width + torch.cat(history_steps)
+    history = y0.new_zeros(batch * width).index_put((flat,), torch.cat(history_values))
+    history = history.view(batch, width)
     if bool((diverged_at <= max_iterations).any()):
         # A diverged instance counts as the cap: its last residual stands until then.
         # (Its x is its last iterate within the limit.)
