@@ -12,6 +12,7 @@ import torch
 from femeta._fenics import has_dolfinx
 from femeta.problems import elasticity
 from femeta.problems.elasticity import ElasticBeam
+from femeta.solvers.iccg import iccg
 
 pytestmark = [
     pytest.mark.dolfinx,
@@ -105,6 +106,29 @@ def test_stocky_tip_deflection_is_close_to_beam_theory(beam):
         load = rho * 0.4 * width**2 * width**2
         theory = load * beam.length**4 / (8 * young * width**4 / 12)
         assert low < float(-u[tip].mean()) / theory < high
+
+
+def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
+    # lambda and mu scale A's free block together, rho scales b: with a relative shift and a
+    # relative tolerance the ICCG run is the same (exactly so here, on a stout beam, where
+    # rounding does not move CG; slender beams differ by a few iterations, see BENCHMARKS.md).
+    width, lam, mu, rho = 0.1, 0.3, 3.0, 5.0
+    scales = ((1.0, 1.0), (7.0, 1.0), (0.2, 9.0), (1.0, 0.1))
+    params = torch.tensor(
+        [[width, k * lam, k * mu, r * rho] for k, r in scales], dtype=torch.float64
+    )
+    A, b = beam.assemble(params)
+    free = A[0].diagonal() != 1.0
+    for (k, r), A_k, b_k in zip(scales, A, b, strict=True):
+        # Entries that cancel to rounding level (1e-17) are not scaled exactly.
+        tiny = 1e-12 * float(A_k.abs().max())
+        torch.testing.assert_close(
+            A_k[free][:, free], k * A[0][free][:, free], rtol=1e-12, atol=tiny
+        )
+        torch.testing.assert_close(b_k, r * b[0], rtol=1e-12, atol=0)
+    for alpha in (0.01, 0.1):
+        iterations = iccg(A, b, alpha, tol=1e-6, max_iterations=243).iterations
+        assert bool((iterations == iterations[0]).all()) and int(iterations[0]) < 243
 
 
 def test_sample_is_deterministic_and_cached(tmp_path):
