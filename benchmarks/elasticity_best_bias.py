@@ -5,8 +5,8 @@ constant changes nothing in exact arithmetic (the shift is relative, the
 tolerance too). On the slender, ill-conditioned beams, rounding alone still
 moves CG by several iterations, and Psi_best, the minimum over 31 shifts per
 task, picks the luckiest. This script finds Psi_best's shift per test task on
-the test beams, then solves the same tasks scaled by 7 (an equivalent copy
-whose entries round differently) at those shifts: the mean there is what the
+the test beams, then solves the same tasks with A scaled by ``--scale`` (an
+equivalent copy whose entries round differently) at those shifts: the mean there is what the
 per-task best shift achieves without the selection on rounding.
 
 Run: python benchmarks/elasticity_best_bias.py [--cap 243] [--scale 7] [--threads 1]
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment
 from femeta.solvers.iccg import iccg
 
@@ -26,7 +27,7 @@ from femeta.solvers.iccg import iccg
 def counts(A: torch.Tensor, b: torch.Tensor, alpha, tol: float, cap: int) -> torch.Tensor:
     """Iterations per task; a failed IC(0) or an unconverged solve counts as ``cap``."""
     result = iccg(A, b, alpha, tol=tol, max_iterations=cap)
-    return torch.where(result.converged, result.iterations, cap)
+    return torch.from_numpy(IterationStats.from_result(result, tol, cap).iterations)
 
 
 def main() -> None:

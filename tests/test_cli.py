@@ -204,8 +204,8 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     experiment = ElasticityIccg()
     train, test = experiment.tasks("train", 0), experiment.tasks("test", 0)
     for shift, fails in ((alpha, False), (grid[position - 1], True)):
-        failed = petsc_iccg(train["A"], train["b"], shift, tol=1e-6, max_iterations=243)
-        assert bool(failed.factorization_failed.any()) == fails, shift
+        result = petsc_iccg(train["A"], train["b"], shift, tol=1e-6, max_iterations=243)
+        assert bool(result.factorization_failed.any()) == fails, shift
     reference = IterationStats.from_result(
         petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243), 1e-6, 243
     )
