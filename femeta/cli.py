@@ -183,6 +183,14 @@ def train_command(
             "to [-CLIP, CLIP] (not in the paper). [default: no clipping]"
         ),
     ] = None,
+    smooth: Annotated[
+        float | None,
+        typer.Option(
+            help="elasticity only: use as each task's derivative of the solve loss in "
+            "log(alpha) its central difference over alpha*exp(+-SMOOTH), e.g. 0.25 "
+            "(not in the paper). [default: the exact derivative]"
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
@@ -203,8 +211,8 @@ def train_command(
     if resume is None:
         given = {
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
-            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "head": head,
-            "sets": sets, "guess_init": guess_init,
+            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
+            "head": head, "sets": sets, "guess_init": guess_init,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

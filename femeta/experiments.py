@@ -8,8 +8,10 @@ maps a problem name (as used on the command line) to its experiment class.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -134,11 +136,16 @@ class Poisson1DJacobi:
         return IterationStats.from_result(result, tol, max_iterations)
 
     def objective(
-        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+        self,
+        loss: str,
+        m: int,
+        tol: float | None,
+        gain: float = 1.0,
+        clip: float | None = None,
+        smooth: float | None = None,
     ) -> Objective:
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}."""
-        if clip is not None:
-            raise ValueError("--clip applies to the elasticity shift only")
+        _elasticity_only(clip, smooth)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m))
         if loss == "surrogate":
@@ -284,31 +291,53 @@ class ElasticityIccg:
         return IterationStats.from_result(result, tol, max_iterations)
 
     def objective(
-        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+        self,
+        loss: str,
+        m: int,
+        tol: float | None,
+        gain: float = 1.0,
+        clip: float | None = None,
+        smooth: float | None = None,
     ) -> Objective:
         """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
 
-        With ``clip``, each task's derivative of the solve loss in ``log alpha`` is
-        clipped to ``[-clip, clip]`` on the way back (the penalty's is not). The
-        derivatives of CG's late residuals in alpha are heavy-tailed on these beams:
-        a few tasks carry most of a batch's gradient (see BENCHMARKS.md).
+        Neither option is the paper's; both change only the derivative of the solve
+        loss in ``log alpha``, never its value or the penalty's derivative. The exact
+        derivative of CG's late residuals in alpha is heavy-tailed on these beams: a
+        few tasks carry most of a batch's gradient (see BENCHMARKS.md).
+
+        - ``clip``: each task's derivative is clipped to ``[-clip, clip]``.
+        - ``smooth``: each task's derivative is the central difference of the solve
+          loss between ``alpha e^-smooth`` and ``alpha e^smooth`` (one-sided where
+          IC(0) fails at one end, zero at both), i.e. the slope of the loss on the
+          scale of ``smooth`` instead of at ``alpha`` itself. The solves run
+          without a tangent, three per task.
         """
         if loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
         if loss == "surrogate" and tol is None:
             raise ValueError("the surrogate loss needs a training tolerance (--tol)")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be positive, got {clip!r}")
+        for name, option in (("clip", clip), ("smooth", smooth)):
+            if option is not None and not option > 0:
+                raise ValueError(f"{name} must be positive, got {option!r}")
+        if clip is not None and smooth is not None:
+            raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
+
+        def solve_loss_at(tasks: TaskSet, shift: Tensor) -> tuple[IccgResult, Tensor]:
+            if loss == "m":
+                result = iccg(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
+                return result, error_after_m(result, squared=False)
+            result = iccg(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
+            return result, iteration_surrogate(result, tol, gain)
 
         def value(psi: nn.Module, tasks: TaskSet) -> Tensor:
             alpha = psi(tasks["features"])
-            shift = alpha if clip is None else _ClipLogDerivative.apply(alpha, clip)
-            if loss == "m":
-                result = iccg(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
-                solve_loss = error_after_m(result, squared=False)
+            if smooth is not None:
+                at = partial(solve_loss_at, tasks)
+                result, solve_loss = _smoothed(at, alpha, smooth)
             else:
-                result = iccg(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
-                solve_loss = iteration_surrogate(result, tol, gain)
+                shift = alpha if clip is None else _ClipLogDerivative.apply(alpha, clip)
+                result, solve_loss = solve_loss_at(tasks, shift)
             penalty = self.gamma * icf_penalty(alpha)
             return torch.where(result.factorization_failed, penalty, solve_loss)
 
@@ -471,11 +500,16 @@ class RobertsonNewtonSor:
         return IterationStats.concatenate(parts)
 
     def objective(
-        self, loss: str, m: int, tol: float | None, gain: float = 1.0, clip: float | None = None
+        self,
+        loss: str,
+        m: int,
+        tol: float | None,
+        gain: float = 1.0,
+        clip: float | None = None,
+        smooth: float | None = None,
     ) -> Objective:
         """L_m (``||g||`` after ``m`` iterations) or the surrogate with Phi_{tol,m}."""
-        if clip is not None:
-            raise ValueError("--clip applies to the elasticity shift only")
+        _elasticity_only(clip, smooth)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared=False)
         if loss == "surrogate":
@@ -498,6 +532,36 @@ class _ClipLogDerivative(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (alpha,) = ctx.saved_tensors
         return (grad * alpha).clamp(-ctx.limit, ctx.limit) / alpha, None
+
+
+def _smoothed(
+    solve_loss_at: Callable[[Tensor], tuple[IccgResult, Tensor]], alpha: Tensor, step: float
+) -> tuple[IccgResult, Tensor]:
+    """The solve loss at ``alpha``, with the central difference in ``log alpha`` as its slope.
+
+    Without a gradient to compute (validation), only the solve at ``alpha`` runs.
+    """
+    differentiable = alpha.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        result, centre = solve_loss_at(alpha.detach())
+        if not differentiable:
+            return result, centre
+        slope_ends = []
+        for sign in (1, -1):
+            end, end_loss = solve_loss_at(alpha.detach() * math.exp(sign * step))
+            ok = ~end.factorization_failed
+            slope_ends.append((torch.where(ok, end_loss, centre), ok.to(centre.dtype)))
+        (upper, upper_ok), (lower, lower_ok) = slope_ends
+        span = step * (upper_ok + lower_ok)
+        slope = torch.where(span > 0, (upper - lower) / span.clamp_min(step), 0.0)
+    log_alpha = torch.log(alpha)
+    return result, centre + slope * (log_alpha - log_alpha.detach())
+
+
+def _elasticity_only(clip: float | None, smooth: float | None) -> None:
+    for name, option in (("clip", clip), ("smooth", smooth)):
+        if option is not None:
+            raise ValueError(f"--{name} applies to the elasticity shift only")
 
 
 def _paper_steps(epochs: int | None, batch_size: int, lr: float, seed: int) -> TrainConfig:

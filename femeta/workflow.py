@@ -38,8 +38,8 @@ class TrainOptions:
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
-    ``p`` is an option of ``poisson1d`` only; ``clip`` (``None``: the paper's
-    loss) of ``elasticity`` only; ``head``, ``sets`` and ``guess_init`` of
+    ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
+    the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and ``guess_init`` of
     ``robertson`` only.
     :func:`train_metasolver` saves the resolved values.
     """
@@ -55,6 +55,7 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     clip: float | None = None
+    smooth: float | None = None
     head: str | None = None
     sets: int | None = None
     guess_init: str | None = None
@@ -66,7 +67,7 @@ class TrainOptions:
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("tol", "p", "gain", "lr", "clip"):
+        for name in ("tol", "p", "gain", "lr", "clip", "smooth"):
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -82,6 +83,12 @@ class TrainOptions:
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
+        for name in ("clip", "smooth"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.clip is not None and self.smooth is not None:
+            raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 
 
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
@@ -167,7 +174,9 @@ def _train(
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
     tol = options.tol if options.loss == "surrogate" else None
-    objective = experiment.objective(options.loss, options.m, tol, options.gain, options.clip)
+    objective = experiment.objective(
+        options.loss, options.m, tol, options.gain, options.clip, options.smooth
+    )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)
     monitor = None

@@ -63,6 +63,14 @@ API_CASES = {
     "TrainOptions: NaN tolerance": (lambda: TrainOptions(tol=NAN), "tolerance"),
     "TrainOptions: fractional m": (lambda: TrainOptions(m=2.5), "m must be an integer"),
     "TrainOptions: text learning rate": (lambda: TrainOptions(lr="fast"), "lr must be a number"),
+    "TrainOptions: NaN smoothing step": (
+        lambda: TrainOptions(smooth=NAN),
+        "smooth must be positive",
+    ),
+    "TrainOptions: clip and smooth": (
+        lambda: TrainOptions(problem="elasticity", clip=10.0, smooth=0.25),
+        "clip or smooth, not both",
+    ),
     "Poisson1D: p outside [0, 1]": (lambda: Poisson1D(p=1.5), "probability"),
     "Poisson1D: NaN p": (lambda: Poisson1D(p=NAN), "probability"),
     "Poisson1D: unknown split": (lambda: Poisson1D().split("dev", 0), "unknown split"),
@@ -130,6 +138,14 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("train", "poisson1d", "--loss", "l2", "--out", tmp_path / "y"): "unknown loss",
         ("train", "poisson1d", "--p", "2", "--out", tmp_path / "y"): "probability",
         ("train", "poisson1d", "--epochs", "0", "--out", tmp_path / "y"): "epochs",
+        (
+            "train",
+            "poisson1d",
+            "--smooth",
+            "0.25",
+            "--out",
+            tmp_path / "y",
+        ): "elasticity shift only",
         (
             "train",
             "poisson1d",

@@ -205,6 +205,51 @@ def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks)
         Poisson1DJacobi().objective("m", 5, None, clip=1.0)
 
 
+@pytest.mark.parametrize("alpha", [1e-3, 0.05])  # some beams fail at 1e-3, none at 0.05
+def test_smooth_derivative_is_the_central_difference_of_the_solve_loss(experiment, tasks, alpha):
+    subset = tasks.subset(slice(0, 8))
+    step = 0.25
+
+    def solve(shift):  # no tangent: the path the smoothed objective takes
+        result = iccg(subset["A"], subset["b"], shift, tol=1e-6, max_iterations=243)
+        return result.factorization_failed, iteration_surrogate(result, 1e-6)
+
+    psi = LogShift(alpha)
+    value = experiment.objective("surrogate", 243, 1e-6, smooth=step)(psi, subset)
+    value.sum().backward()
+    shift = psi.log_alpha.detach().exp()
+    failed, centre = solve(shift)
+    up_failed, up = solve(shift * math.exp(step))
+    down_failed, down = solve(shift * math.exp(-step))
+    expected = torch.where(failed, 500 * -psi.log_alpha.detach(), centre)
+    torch.testing.assert_close(value.detach(), expected)
+    slopes = []
+    for task in range(8):
+        if failed[task]:
+            slopes.append(-500.0)
+        elif up_failed[task] and down_failed[task]:
+            slopes.append(0.0)
+        elif down_failed[task]:
+            slopes.append((up[task] - centre[task]).item() / step)
+        elif up_failed[task]:
+            slopes.append((centre[task] - down[task]).item() / step)
+        else:
+            slopes.append((up[task] - down[task]).item() / (2 * step))
+    assert psi.log_alpha.grad.item() == pytest.approx(sum(slopes), rel=1e-12)
+    assert (int(failed.sum()) > 0) == (alpha == 1e-3)
+    if alpha == 1e-3:  # the one-sided case is exercised: two beams fail below alpha only
+        assert bool((down_failed & ~failed).any())
+    with torch.no_grad():  # validation: the same value from the solve at alpha alone
+        validation = experiment.objective("surrogate", 243, 1e-6, smooth=step)(psi, subset)
+    torch.testing.assert_close(validation, expected)
+    with pytest.raises(ValueError, match="smooth must be positive"):
+        experiment.objective("surrogate", 243, 1e-6, smooth=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        experiment.objective("surrogate", 243, 1e-6, clip=1.0, smooth=0.25)
+    with pytest.raises(ValueError, match="elasticity shift only"):
+        Poisson1DJacobi().objective("m", 5, None, smooth=0.25)
+
+
 @pytest.fixture
 def robertson(tmp_path, monkeypatch):
     """Robertson on 8 parameter sets (200 train tasks), with a private cache for r_base."""
