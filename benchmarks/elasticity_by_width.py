@@ -1,0 +1,69 @@
+"""Where a trained beam model gains or loses against Psi_base: the test beams by width W.
+
+Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
+
+    .venv/bin/python benchmarks/elasticity_by_width.py RUN_DIR [--max-iterations M]
+
+For the model of ``RUN_DIR`` and for Psi_base (fitted on the training beams of
+the run's seed), per band of W: mean iterations (a failed IC(0) or an
+unconverged solve counts as the cap), convergence ratio, the model's median
+shift and its IC(0) failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+
+from femeta.runs import load_run
+from femeta.workflow import baseline_metasolver, load_metasolver
+
+WIDTH_BANDS = (0.003, 0.01, 0.02, 0.05, 0.1, 0.3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--max-iterations", type=int, default=243)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    config, _ = load_run(args.run_dir, "elasticity")
+    seed, tol = config["options"]["seed"], config["options"]["tol"]
+    experiment, model = load_metasolver(args.run_dir, "elasticity")
+    base = baseline_metasolver(experiment, "base", seed)
+    tasks = experiment.tasks("test", seed)
+    cap = args.max_iterations
+    width = tasks["params"][:, 0]
+    with torch.no_grad():
+        alpha = model(tasks["features"])
+        rows = {}
+        for name, psi in (("model", model), ("Psi_base", base)):
+            result = experiment.solve(psi, tasks, tol, cap)
+            counts = torch.where(result.converged, result.iterations, cap).double()
+            rows[name] = (counts, result.converged.double(), result.factorization_failed)
+    print(f"{args.run_dir}: {len(tasks)} test beams, tol {tol:g}, cap {cap}")
+    print(f"Psi_base alpha {float(base(tasks['features'][:1])):.4g}")
+    for name, (counts, converged, failed) in rows.items():
+        print(f"{name}: mean {counts.mean():.2f}, convergence {converged.mean():.3f}, "
+              f"IC(0) failures {int(failed.sum())}")  # fmt: skip
+    print(
+        "W band          tasks  model mean / conv   Psi_base mean / conv   median alpha  failures"
+    )
+    for low, high in pairwise(WIDTH_BANDS):
+        band = (width >= low) & (width < high)
+        model_counts, model_converged, model_failed = (v[band] for v in rows["model"])
+        base_counts, base_converged, _ = (v[band] for v in rows["Psi_base"])
+        print(
+            f"[{low:<5}, {high:<4})  {int(band.sum()):5d}  {model_counts.mean():8.1f} / "
+            f"{model_converged.mean():.2f}     {base_counts.mean():8.1f} / "
+            f"{base_converged.mean():.2f}        {alpha[band].median():8.3g}  "
+            f"{int(model_failed.sum()):5d}"
+        )
+
+
+if __name__ == "__main__":
+    main()
