@@ -186,8 +186,8 @@ def train_command(
     smooth: Annotated[
         float | None,
         typer.Option(
-            help="elasticity only: use as each task's derivative of the solve loss in "
-            "log(alpha) its central difference over alpha*exp(+-SMOOTH), e.g. 0.25 "
+            help="elasticity only: replace each task's derivative of the solve loss in "
+            "log(alpha) by its central difference over alpha*exp(+-SMOOTH), e.g. 0.25 "
             "(not in the paper). [default: the exact derivative]"
         ),
     ] = None,

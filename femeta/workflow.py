@@ -39,8 +39,8 @@ class TrainOptions:
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
-    the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and ``guess_init`` of
-    ``robertson`` only.
+    the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and
+    ``guess_init`` of ``robertson`` only.
     :func:`train_metasolver` saves the resolved values.
     """
 
