@@ -17,8 +17,11 @@ import argparse
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from femeta.evaluation import IterationStats
+from femeta.problems.base import TaskSet
 from femeta.runs import load_run
 from femeta.workflow import baseline_metasolver, load_metasolver
 
@@ -38,23 +41,24 @@ def main() -> None:
     base = baseline_metasolver(experiment, "base", seed)
     tasks = experiment.tasks("test", seed)
     cap = args.max_iterations
-    width = tasks["params"][:, 0]
+    width = tasks["params"][:, 0].cpu().numpy()
+
+    def solve(psi: torch.nn.Module, subset: TaskSet) -> tuple[IterationStats, np.ndarray]:
+        result = experiment.solve(psi, subset, tol, cap)
+        return IterationStats.from_result(result, tol, cap), result.factorization_failed.numpy()
+
     with torch.no_grad():
         alpha = model(tasks["features"])
-        rows = {}
-        for name, psi in (("model", model), ("Psi_base", base)):
-            result = experiment.solve(psi, tasks, tol, cap)
-            counts = torch.where(result.converged, result.iterations, cap).double()
-            rows[name] = (counts, result.converged.double(), result.factorization_failed)
-        counts, converged, failed = rows["model"]
-        retried = experiment.solve(base, tasks.subset(failed.nonzero().flatten()), tol, cap)
-        counts, converged = counts.clone(), converged.clone()
-        counts[failed] = torch.where(retried.converged, retried.iterations, cap).double()
-        converged[failed] = retried.converged.double()
+        rows = {"model": solve(model, tasks), "Psi_base": solve(base, tasks)}
+        (model_stats, failed), (base_stats, _) = rows["model"], rows["Psi_base"]
+        retried, _ = solve(base, tasks.subset(torch.from_numpy(failed.nonzero()[0])))
+    counts, converged = model_stats.iterations.copy(), model_stats.converged.copy()
+    counts[failed], converged[failed] = retried.iterations, retried.converged
     print(f"{args.run_dir}: {len(tasks)} test beams, tol {tol:g}, cap {cap}")
     print(f"Psi_base alpha {float(base(tasks['features'][:1])):.4g}")
-    for name, (name_counts, name_converged, name_failed) in rows.items():
-        print(f"{name}: mean {name_counts.mean():.2f}, convergence {name_converged.mean():.3f}, "
+    for name, (stats, name_failed) in rows.items():
+        ratio = stats.convergence_ratio
+        print(f"{name}: mean {stats.mean_iterations:.2f}, convergence {ratio:.3f}, "
               f"IC(0) failures {int(name_failed.sum())}")  # fmt: skip
     print(f"model, its failures solved again at Psi_base's shift: mean {counts.mean():.2f}, "
           f"convergence {converged.mean():.3f}")  # fmt: skip
@@ -63,13 +67,14 @@ def main() -> None:
     )
     for low, high in pairwise(WIDTH_BANDS):
         band = (width >= low) & (width < high)
-        model_counts, model_converged, model_failed = (v[band] for v in rows["model"])
-        base_counts, base_converged, _ = (v[band] for v in rows["Psi_base"])
+        median_alpha = float(alpha[torch.from_numpy(band)].median())
         print(
-            f"[{low:<5}, {high:<4})  {int(band.sum()):5d}  {model_counts.mean():8.1f} / "
-            f"{model_converged.mean():.2f}     {base_counts.mean():8.1f} / "
-            f"{base_converged.mean():.2f}        {alpha[band].median():8.3g}  "
-            f"{int(model_failed.sum()):5d}"
+            f"[{low:<5}, {high:<4})  {int(band.sum()):5d}  "
+            f"{model_stats.iterations[band].mean():8.1f} / "
+            f"{model_stats.converged[band].mean():.2f}     "
+            f"{base_stats.iterations[band].mean():8.1f} / "
+            f"{base_stats.converged[band].mean():.2f}        {median_alpha:8.3g}  "
+            f"{int(failed[band].sum()):5d}"
         )
 
 
