@@ -320,6 +320,8 @@ class ElasticityIccg:
         for name, option in (("clip", clip), ("smooth", smooth)):
             if option is not None and not option > 0:
                 raise ValueError(f"{name} must be positive, got {option!r}")
+        if smooth is not None and not math.isfinite(smooth):
+            raise ValueError(f"smooth must be positive and finite, got {smooth!r}")
         if clip is not None and smooth is not None:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -87,6 +88,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.smooth is not None and not math.isfinite(self.smooth):
+            raise ValueError(f"smooth must be positive and finite, got {self.smooth!r}")
         if self.clip is not None and self.smooth is not None:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 
