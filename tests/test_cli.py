@@ -56,6 +56,18 @@ def test_progress_bar_renders(tmp_path, monkeypatch, capsys, invoke):
     assert result.exit_code == 0, result.output
 
 
+def test_train_can_keep_the_epoch_with_the_fewest_validation_iterations(tmp_path, invoke):
+    result = invoke("train", "poisson1d", "--loss", "m", "--m", "2", "--epochs", "3",
+                    "--select", "iterations", "--out", tmp_path / "run")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["options"]["select"] == config["train_config"]["select"] == "iterations"
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    iterations = [record["validation_iterations"] for record in history]
+    assert config["best_epoch"] == 1 + iterations.index(min(iterations))
+    assert f"{min(iterations):.6g} validation iterations" in result.output
+
+
 def test_train_reads_a_toml_config(tmp_path, invoke):
     config = tmp_path / "run.toml"
     config.write_text('loss = "m"\nm = 3\nepochs = 1\nbatch-size = 500\n')
@@ -210,7 +222,10 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
         petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243), 1e-6, 243
     )
     assert abs(base["mean"] - reference.mean_iterations) < 1
-    assert abs(base["convergence_ratio"] - reference.convergence_ratio) < 0.005
+    # Rounding moves CG on these ill-conditioned beams by up to 5% (the agreement test in
+    # test_iccg), and 60 test beams stop within 5% of the cap with PETSc, so a few change
+    # sides: reordering two products in torch's CG moved 5 of them.
+    assert abs(base["convergence_ratio"] - reference.convergence_ratio) <= 0.01
     assert json.loads((tmp_path / "results.json").read_text()) == table
 
 

@@ -345,8 +345,9 @@ def _inverse_preconditioner(A: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     inverse = inverse_factor.mT @ inverse_factor
     if tangent is None:
         return inverse, failed
-    # d (L L^T)^{-1} = -L^{-T} (X + X^T) L^{-1} with X = L^{-1} dL.
-    half = -(inverse_factor @ tangent @ inverse_factor).mT @ inverse_factor
+    # d (L L^T)^{-1} = -M^{-1} (dL L^T + L dL^T) M^{-1} = H + H^T with H = -M^{-1} dL L^{-1},
+    # as L^T M^{-1} = L^{-1}.
+    half = -(inverse @ tangent) @ inverse_factor
     return fwAD.make_dual(inverse, half + half.mT), failed
 
 
@@ -469,6 +470,8 @@ class _SharedPattern:
         )
         col = (self.cols + self.n * offsets).reshape(-1)
         size = (batch * self.n, batch * self.n)
+        if batch * max(count, self.n) < 2**31:  # 32-bit indices: the product ran 1.5-2x faster
+            crow, col = crow.int(), col.int()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
             self.matrix = torch.sparse_csr_tensor(
@@ -489,28 +492,28 @@ class _SharedPattern:
     def __call__(self, vector: Tensor) -> Tensor:
         vector, tangent = fwAD.unpack_dual(vector)
         batch = vector.shape[0]
-        columns = vector[..., None] if tangent is None else torch.stack([vector, tangent], -1)
-        product = (self.matrix @ columns.reshape(batch * self.n, -1)).reshape(batch, self.n, -1)
-        if tangent is None:
-            return product[..., 0]
+        if tangent is None:  # a matrix-vector product, twice as fast as a one-column product
+            return torch.mv(self.matrix, vector.reshape(-1)).reshape(batch, self.n)
+        columns = torch.stack([vector, tangent], -1).reshape(batch * self.n, 2)
+        product = (self.matrix @ columns).reshape(batch, self.n, 2)
         return fwAD.make_dual(product[..., 0], product[..., 1])
 
 
 def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
     """``matrix @ vector`` over a batch, with forward-mode tangents done by hand.
 
-    The products are memory bound, so the primal and the tangent of ``vector``
-    share one pass over ``matrix``; torch's generic rule would make two or three.
+    It is computed as row vectors times ``matrix^T``: with MKL on one core this
+    ran 2.4-3x faster than the batched matrix-vector product (``(128, 243, 243)``
+    and slices of it, float64). The primal and the tangent of ``vector`` share
+    one pass over ``matrix``.
     """
     matrix, matrix_tangent = fwAD.unpack_dual(matrix)
     vector, vector_tangent = fwAD.unpack_dual(vector)
-    if vector_tangent is None:
-        product = (matrix @ vector[..., None])[..., 0]
-        tangent = None
-    else:
-        both = matrix @ torch.stack([vector, vector_tangent], dim=-1)
-        product, tangent = both[..., 0], both[..., 1]
+    rows = vector[:, None] if vector_tangent is None else torch.stack([vector, vector_tangent], 1)
+    both = rows @ matrix.mT
+    product = both[:, 0]
+    tangent = None if vector_tangent is None else both[:, 1]
     if matrix_tangent is not None:
-        extra = (matrix_tangent @ vector[..., None])[..., 0]
+        extra = (vector[:, None] @ matrix_tangent.mT)[:, 0]
         tangent = extra if tangent is None else tangent + extra
     return product if tangent is None else fwAD.make_dual(product, tangent)
