@@ -191,6 +191,13 @@ def train_command(
             "(not in the paper). [default: the exact derivative]"
         ),
     ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="Which epoch's weights to keep: the lowest validation loss (the paper) or "
+            "the fewest mean validation iterations (needs the monitor). [default: loss]"
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
@@ -213,6 +220,7 @@ def train_command(
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
+            "select": select,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:
@@ -268,9 +276,14 @@ def train_command(
                 f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True
             )
             raise typer.Exit(130) from None
+    kept = result.history[result.best_epoch - 1] if result.best_epoch > 0 else None
+    if kept is not None and kept.validation_iterations is not None:
+        iterations = f", {kept.validation_iterations:.6g} validation iterations"
+    else:
+        iterations = ""
     typer.echo(
-        f"saved {out}: best validation loss {result.best_validation_loss:.6g} "
-        f"at epoch {result.best_epoch}; {result.skipped_steps} steps skipped"
+        f"saved {out}: kept epoch {result.best_epoch} (validation loss "
+        f"{result.best_validation_loss:.6g}{iterations}); {result.skipped_steps} steps skipped"
     )
 
 

@@ -30,6 +30,8 @@ class TrainConfig:
     ``schedule="plateau"`` divides the learning rate by ``1 / factor`` after
     ``patience`` epochs without a new best validation loss (Appendix C.1);
     ``schedule="steps"`` does so at each epoch in ``milestones`` (C.2, C.3).
+    ``select`` says which epoch's weights are kept: the lowest validation loss
+    (the paper), or the fewest mean validation iterations (needs a monitor).
     """
 
     epochs: int = 2500
@@ -41,6 +43,7 @@ class TrainConfig:
     patience: int = 100
     milestones: tuple[int, ...] = ()
     seed: int = 0
+    select: Literal["loss", "iterations"] = "loss"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -53,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"factor must lie in (0, 1), got {self.factor!r}")
         if self.schedule not in ("plateau", "steps"):
             raise ValueError(f"schedule must be 'plateau' or 'steps', got {self.schedule!r}")
+        if self.select not in ("loss", "iterations"):
+            raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,8 @@ def train(
     """Minimise the mean of ``objective`` over ``train_tasks`` with Adam.
 
     A step whose loss or gradient is NaN or infinite is skipped (and counted),
-    so one broken solve cannot poison the weights. The weights with the lowest
-    validation loss are kept in the result; ``metasolver`` is left holding them.
+    so one broken solve cannot poison the weights. The weights of the best epoch
+    (``config.select``) are kept in the result; ``metasolver`` is left holding them.
 
     ``checkpoint`` receives the whole training state (weights, optimiser,
     schedule, random states, history) after an epoch, at most every
@@ -112,6 +117,8 @@ def train(
     ``monitor``, when given, is called without gradients after each epoch (for
     instance, the mean iterations on the validation tasks) and recorded.
     """
+    if config.select == "iterations" and monitor is None:
+        raise ValueError("select='iterations' needs a monitor of the validation iterations")
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(metasolver.parameters(), lr=config.lr, betas=config.betas)
@@ -138,6 +145,9 @@ def train(
             [EpochRecord(**record) for record in resume["history"]],
         )
         first_epoch = resume["epoch"] + 1
+    best_score = math.inf
+    if best.best_epoch > 0:
+        best_score = _score(best.history[best.best_epoch - 1], config)
     last_checkpoint = time.monotonic()
     for epoch in range(first_epoch, config.epochs + 1):
         metasolver.train()
@@ -175,7 +185,8 @@ def train(
             validation_iterations=_monitored(monitor, metasolver),
         )
         best.history.append(record)
-        if validation_loss < best.best_validation_loss:
+        if _score(record, config) < best_score:
+            best_score = _score(record, config)
             best.best_state = copy.deepcopy(metasolver.state_dict())
             best.best_epoch, best.best_validation_loss = epoch, validation_loss
         if on_epoch is not None:
@@ -202,6 +213,12 @@ def train(
     metasolver.load_state_dict(best.best_state)
     metasolver.eval()
     return best
+
+
+def _score(record: EpochRecord, config: TrainConfig) -> float:
+    """What ``config.select`` minimises over the epochs (NaN counts as infinite)."""
+    value = record.validation_loss if config.select == "loss" else record.validation_iterations
+    return value if value is not None and math.isfinite(value) else math.inf
 
 
 @torch.no_grad()

@@ -41,7 +41,9 @@ class TrainOptions:
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
     the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and
-    ``guess_init`` of ``robertson`` only.
+    ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
+    lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
+    validation iterations, which needs the monitor.
     :func:`train_metasolver` saves the resolved values.
     """
 
@@ -60,6 +62,7 @@ class TrainOptions:
     head: str | None = None
     sets: int | None = None
     guess_init: str | None = None
+    select: str = "loss"
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets"):
@@ -76,6 +79,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
+        if self.select not in ("loss", "iterations"):
+            raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
         if self.loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {self.loss!r}; expected 'm' or 'surrogate'")
         if self.tol is not None and not (self.tol > 0 and self.tol < 1):
@@ -160,8 +165,14 @@ def _train(
     monitor_iterations: bool,
     device: str | torch.device,
 ) -> tuple[Any, nn.Module, TrainResult]:
+    if options.select == "iterations" and not monitor_iterations:
+        raise ValueError(
+            "select='iterations' keeps the epoch with the fewest validation iterations, "
+            "which only the monitor measures; turn the monitor on (drop --no-monitor)"
+        )
     experiment = build_experiment(options, device)
     config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
+    config = replace(config, select=options.select)
     options = replace(
         options,
         m=experiment.default_m(options.loss) if options.m is None else options.m,

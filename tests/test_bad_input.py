@@ -138,6 +138,16 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("train", "poisson1d", "--loss", "l2", "--out", tmp_path / "y"): "unknown loss",
         ("train", "poisson1d", "--p", "2", "--out", tmp_path / "y"): "probability",
         ("train", "poisson1d", "--epochs", "0", "--out", tmp_path / "y"): "epochs",
+        ("train", "poisson1d", "--select", "best", "--out", tmp_path / "y"): "select must be",
+        (
+            "train",
+            "poisson1d",
+            "--select",
+            "iterations",
+            "--no-monitor",
+            "--out",
+            tmp_path / "y",
+        ): "drop --no-monitor",
         (
             "train",
             "poisson1d",

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -79,7 +80,14 @@ def test_same_seed_gives_the_same_weights():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"factor": 1.5}, {"schedule": "cosine"}],
+    [
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"lr": 0.0},
+        {"factor": 1.5},
+        {"schedule": "cosine"},
+        {"select": "accuracy"},
+    ],
 )
 def test_bad_configuration_is_rejected(kwargs):
     with pytest.raises(ValueError):
@@ -101,3 +109,38 @@ def test_monitor_is_recorded_without_changing_the_weights():
     assert all(record.validation_iterations is not None for record in result.history)
     for name, value in plain.state_dict().items():
         assert torch.equal(value, monitored.state_dict()[name])
+
+
+def test_select_iterations_keeps_the_epoch_with_the_fewest_monitored_iterations():
+    iterations = [5.0, 3.0, 4.0, 1.0, 2.0]
+    config = TrainConfig(epochs=5, batch_size=32, lr=0.05, betas=(0.9, 0.999), select="iterations")
+    states = []
+
+    def run(resume=None, calls=0):
+        counter = iter(iterations[calls:])
+        return train(
+            linear_model(),
+            squared_error,
+            regression_tasks(256, 0),
+            regression_tasks(64, 1),
+            config,
+            checkpoint=lambda state: states.append(copy.deepcopy(state)),
+            checkpoint_seconds=0.0,
+            resume=resume,
+            monitor=lambda model: next(counter),
+        )
+
+    result = run()
+    losses = [record.validation_loss for record in result.history]
+    assert min(losses) == losses[-1]  # the loss alone would keep the last epoch
+    assert result.best_epoch == 4 and result.best_validation_loss == losses[3]
+    resumed = run(resume=states[2], calls=3)  # the state after epoch 3 (best so far: 2)
+    assert resumed.best_epoch == 4
+    for name, value in resumed.best_state.items():
+        torch.testing.assert_close(value, result.best_state[name])
+
+
+def test_select_iterations_needs_a_monitor():
+    config = TrainConfig(epochs=1, select="iterations")
+    with pytest.raises(ValueError, match="monitor"):
+        train(linear_model(), squared_error, regression_tasks(8, 0), regression_tasks(8, 1), config)
