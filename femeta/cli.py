@@ -191,6 +191,14 @@ def train_command(
             "(not in the paper). [default: the exact derivative]"
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="elasticity with --smooth only: run the training and validation solves with "
+            "'petsc' (a KSP per task, faster on a CPU) instead of 'torch'; the monitor and "
+            "evaluation stay in torch. [default: torch]"
+        ),
+    ] = None,
     select: Annotated[
         str | None,
         typer.Option(
@@ -220,7 +228,7 @@ def train_command(
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
-            "select": select,
+            "select": select, "engine": engine,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

@@ -35,7 +35,7 @@ from femeta.problems.poisson1d import Poisson1D
 from femeta.problems.robertson import Robertson, backward_euler_system
 from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult, jacobi
-from femeta.solvers.iccg import IccgResult, iccg
+from femeta.solvers.iccg import IccgResult, iccg, petsc_iccg
 from femeta.solvers.newton_sor import NonlinearSystem, newton_sor
 from femeta.training import Objective, TrainConfig
 
@@ -135,6 +135,15 @@ class Poisson1DJacobi:
         result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
+    def _petsc_iccg(
+        self, A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
+    ) -> IccgResult:
+        """:func:`petsc_iccg` on the CPU, its result on this experiment's device."""
+        result = petsc_iccg(
+            A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
+        )
+        return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+
     def objective(
         self,
         loss: str,
@@ -143,9 +152,10 @@ class Poisson1DJacobi:
         gain: float = 1.0,
         clip: float | None = None,
         smooth: float | None = None,
+        engine: str = "torch",
     ) -> Objective:
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth)
+        _elasticity_only(clip, smooth, engine)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m))
         if loss == "surrogate":
@@ -290,6 +300,15 @@ class ElasticityIccg:
         result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
+    def _petsc_iccg(
+        self, A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
+    ) -> IccgResult:
+        """:func:`petsc_iccg` on the CPU, its result on this experiment's device."""
+        result = petsc_iccg(
+            A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
+        )
+        return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+
     def objective(
         self,
         loss: str,
@@ -298,6 +317,7 @@ class ElasticityIccg:
         gain: float = 1.0,
         clip: float | None = None,
         smooth: float | None = None,
+        engine: str = "torch",
     ) -> Objective:
         """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
 
@@ -312,6 +332,9 @@ class ElasticityIccg:
           IC(0) fails at one end, zero at both), i.e. the slope of the loss on the
           scale of ``smooth`` instead of at ``alpha`` itself. The solves run
           without a tangent, three per task.
+
+        ``engine`` runs those solves: ``"torch"`` (:func:`iccg`) or, with ``smooth``
+        only, ``"petsc"`` (:func:`petsc_iccg`, one KSP per task, faster on a CPU).
         """
         if loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
@@ -324,12 +347,20 @@ class ElasticityIccg:
             raise ValueError(f"smooth must be positive and finite, got {smooth!r}")
         if clip is not None and smooth is not None:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
+        if engine not in ("torch", "petsc"):
+            raise ValueError(f"unknown engine {engine!r}; expected 'torch' or 'petsc'")
+        if engine == "petsc" and smooth is None:
+            raise ValueError(
+                "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha, "
+                "and only the smoothed slope does without one"
+            )
+        solver = iccg if engine == "torch" else self._petsc_iccg
 
         def solve_loss_at(tasks: TaskSet, shift: Tensor) -> tuple[IccgResult, Tensor]:
             if loss == "m":
-                result = iccg(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
+                result = solver(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
                 return result, error_after_m(result, squared=False)
-            result = iccg(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
+            result = solver(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
             return result, iteration_surrogate(result, tol, gain)
 
         def value(psi: nn.Module, tasks: TaskSet) -> Tensor:
@@ -509,9 +540,10 @@ class RobertsonNewtonSor:
         gain: float = 1.0,
         clip: float | None = None,
         smooth: float | None = None,
+        engine: str = "torch",
     ) -> Objective:
         """L_m (``||g||`` after ``m`` iterations) or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth)
+        _elasticity_only(clip, smooth, engine)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared=False)
         if loss == "surrogate":
@@ -560,10 +592,12 @@ def _smoothed(
     return result, centre + slope * (log_alpha - log_alpha.detach())
 
 
-def _elasticity_only(clip: float | None, smooth: float | None) -> None:
+def _elasticity_only(clip: float | None, smooth: float | None, engine: str) -> None:
     for name, option in (("clip", clip), ("smooth", smooth)):
         if option is not None:
             raise ValueError(f"--{name} applies to the elasticity shift only")
+    if engine != "torch":
+        raise ValueError(f"--engine {engine} applies to the elasticity shift only")
 
 
 def _paper_steps(epochs: int | None, batch_size: int, lr: float, seed: int) -> TrainConfig:

@@ -43,7 +43,9 @@ class TrainOptions:
     the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and
     ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
-    validation iterations, which needs the monitor.
+    validation iterations, which needs the monitor. ``engine="petsc"`` runs the
+    training and validation solves of ``elasticity`` with ``smooth`` in PETSc
+    (the monitor and evaluation stay in torch).
     :func:`train_metasolver` saves the resolved values.
     """
 
@@ -63,6 +65,7 @@ class TrainOptions:
     sets: int | None = None
     guess_init: str | None = None
     select: str = "loss"
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets"):
@@ -79,6 +82,12 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
+        if self.engine not in ("torch", "petsc"):
+            raise ValueError(f"engine must be 'torch' or 'petsc', got {self.engine!r}")
+        if self.engine == "petsc" and self.smooth is None:
+            raise ValueError(
+                "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha"
+            )
         if self.select not in ("loss", "iterations"):
             raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
         if self.loss not in ("m", "surrogate"):
@@ -189,7 +198,7 @@ def _train(
     validation_tasks = experiment.tasks("validation", options.seed)
     tol = options.tol if options.loss == "surrogate" else None
     objective = experiment.objective(
-        options.loss, options.m, tol, options.gain, options.clip, options.smooth
+        options.loss, options.m, tol, options.gain, options.clip, options.smooth, options.engine
     )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)

@@ -139,6 +139,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("train", "poisson1d", "--p", "2", "--out", tmp_path / "y"): "probability",
         ("train", "poisson1d", "--epochs", "0", "--out", tmp_path / "y"): "epochs",
         ("train", "poisson1d", "--select", "best", "--out", tmp_path / "y"): "select must be",
+        ("train", "elasticity", "--engine", "petsc", "--out", tmp_path / "y"): "needs --smooth",
+        ("train", "elasticity", "--engine", "gpu", "--out", tmp_path / "y"): "engine must be",
         (
             "train",
             "poisson1d",

@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -159,6 +160,17 @@ def beam_model(tmp_path_factory, invoke):
                     "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
+    out = tmp_path / "petsc"
+    result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
+                    "--epochs", "1", "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["options"]["engine"], config["options"]["smooth"]) == ("petsc", 0.25)
+    history = json.loads((out / "history.json").read_text())
+    assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 
 
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
