@@ -108,6 +108,18 @@ class TrainOptions:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 
 
+def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
+    """The cap of the monitor's validation solves: the evaluation's, or the surrogate's if larger.
+
+    A beam model trained with the surrogate at cap 10 N is validated at 10 N, not at
+    the default evaluation cap N; Robertson's surrogate cap (2000) stays below its
+    evaluation cap (10^4).
+    """
+    if options.loss == "surrogate" and options.m is not None:
+        return max(evaluation_cap, options.m)
+    return evaluation_cap
+
+
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
     given = {"p": options.p, "head": options.head, "sets": options.sets,
@@ -204,10 +216,10 @@ def _train(
     metasolver = experiment.metasolver("nn", train_tasks)
     monitor = None
     if monitor_iterations:
+        cap = monitor_cap(experiment.evaluation_cap, options)
 
         def monitor(psi: nn.Module) -> float:
-            stats = experiment.stats(psi, validation_tasks, options.tol, experiment.evaluation_cap)
-            return stats.mean_iterations
+            return experiment.stats(psi, validation_tasks, options.tol, cap).mean_iterations
 
     checkpoint = None
     if out is not None:

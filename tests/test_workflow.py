@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
+from femeta.workflow import (
+    TrainOptions,
+    evaluate_metasolver,
+    load_metasolver,
+    monitor_cap,
+    train_metasolver,
+)
 
 
 def weights(options):
@@ -44,3 +50,11 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         train_metasolver(TrainOptions(loss="m", m=1, epochs=1), device="cuda")
+
+
+def test_the_monitor_validates_at_the_cap_a_surrogate_was_trained_for():
+    beam = {"problem": "elasticity", "smooth": 0.25}
+    assert monitor_cap(243, TrainOptions(**beam, m=2430)) == 2430  # cap 10 N: validated at 10 N
+    assert monitor_cap(243, TrainOptions(**beam, m=243)) == 243
+    assert monitor_cap(243, TrainOptions(**beam, loss="m", m=1)) == 243  # L_1: m is no cap
+    assert monitor_cap(10_000, TrainOptions(problem="robertson", m=2000)) == 10_000
