@@ -135,15 +135,6 @@ class Poisson1DJacobi:
         result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
-    def _petsc_iccg(
-        self, A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
-    ) -> IccgResult:
-        """:func:`petsc_iccg` on the CPU, its result on this experiment's device."""
-        result = petsc_iccg(
-            A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
-        )
-        return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
-
     def objective(
         self,
         loss: str,

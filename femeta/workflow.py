@@ -24,6 +24,7 @@ __all__ = [
     "build_experiment",
     "evaluate_metasolver",
     "load_metasolver",
+    "monitor_cap",
     "resume_training",
     "train_metasolver",
 ]
