@@ -50,8 +50,8 @@ def iteration_surrogate(result: SolverResult, tol: float, gain: float = 1.0) -> 
         raise ValueError(f"gain must be positive, got {gain!r}")
     history = result.history
     steps = torch.arange(history.shape[1], device=history.device)
-    counted = steps[None, :] < result.iterations[:, None]
-    # Entries past the stop are zero; keep their log finite so no NaN reaches the gradient.
-    safe = torch.where(counted, history, torch.ones_like(history))
-    indicator = torch.sigmoid(gain * (torch.log(safe) - math.log(tol)))
-    return torch.where(counted, indicator, torch.zeros_like(indicator)).sum(dim=1)
+    # Only the counted entries (k < iterations) are transformed: a batch with a few long
+    # solves has a wide history that is mostly padding.
+    rows, counted = (steps[None, :] < result.iterations[:, None]).nonzero(as_tuple=True)
+    indicator = torch.sigmoid(gain * (torch.log(history[rows, counted]) - math.log(tol)))
+    return history.new_zeros(history.shape[0]).index_add(0, rows, indicator)
