@@ -69,6 +69,30 @@ def test_surrogate_is_finite_when_an_instance_starts_converged():
     assert float(value[0]) == 0.0 and 1.0 < float(value[1]) < 2.0
 
 
+def test_surrogate_is_equation_10_on_the_counted_steps_only():
+    # Ragged histories, zero-padded: the padding must add nothing, value or gradient.
+    history = torch.tensor(
+        [[1.0, 1e-2, 1e-5, 1e-7, 0.0], [3.0, 2.0, 1.0, 0.5, 0.2], [1e-7, 0.0, 0.0, 0.0, 0.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    iterations = torch.tensor([3, 4, 0])
+    result = SolverResult(torch.zeros(3, 2), iterations, history, iterations < 4)
+    tol, gain = 1e-6, 0.7
+    value = iteration_surrogate(result, tol, gain)
+    expected = [
+        sum(torch.sigmoid(gain * torch.log(history[i, k] / tol)) for k in range(int(count)))
+        for i, count in enumerate(iterations)
+    ]
+    torch.testing.assert_close(
+        value, torch.tensor([float(e) for e in expected], dtype=torch.float64)
+    )
+    value.sum().backward()
+    counted = torch.arange(5)[None, :] < iterations[:, None]
+    assert bool((history.grad[~counted] == 0).all())
+    assert bool((history.grad[counted] != 0).all())
+
+
 @pytest.mark.parametrize(("tol", "gain"), [(0.0, 1.0), (-1.0, 1.0), (1e-6, 0.0)])
 def test_surrogate_rejects_bad_parameters(setup, tol, gain):
     A, tasks = setup
