@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="use 1 in k test tasks")
     parser.add_argument("--model", type=Path, help="a trained robertson run directory")
     args = parser.parse_args()
+    if args.every < 1:
+        parser.error(f"--every must be a positive integer, got {args.every}")
     torch.set_num_threads(1)
     start = time.perf_counter()
 
