@@ -130,6 +130,30 @@ def test_diverged_instances_count_as_the_cap_with_finite_gradients(steps):
     assert bool(torch.isfinite(r.grad).all())
 
 
+def test_unconverged_instances_pass_no_derivative(steps):
+    """At r = 1.5, some of these steps neither converge nor diverge in 2000 iterations.
+
+    The derivative through their history overflows to NaN; they must pass none, and
+    the converged instances must get the gradient they get when solved alone.
+    """
+    r = torch.full((len(steps),), 1.5, dtype=torch.float64, requires_grad=True)
+    y0 = steps["y_prev"].clone().requires_grad_()
+    result = newton_sor(robertson_system(steps), y0, r, tol=1e-9, max_iterations=2000)
+    iteration_surrogate(result, 1e-9).sum().backward()
+    stuck = ~result.converged
+    assert int(stuck.sum()) >= 5 and bool((result.iterations[stuck] == 2000).all())
+    assert bool((r.grad[stuck] == 0).all()) and bool((y0.grad[stuck] == 0).all())
+
+    alone = steps.subset(result.converged.nonzero()[:, 0])
+    r_alone = r.detach()[result.converged].requires_grad_()
+    y0_alone = alone["y_prev"].clone().requires_grad_()
+    solo = newton_sor(robertson_system(alone), y0_alone, r_alone, tol=1e-9, max_iterations=2000)
+    assert bool(solo.converged.all())
+    iteration_surrogate(solo, 1e-9).sum().backward()
+    torch.testing.assert_close(r.grad[result.converged], r_alone.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(y0.grad[result.converged], y0_alone.grad, rtol=1e-12, atol=0)
+
+
 def test_zero_iterations_and_a_converged_start(steps):
     tasks = steps.subset(slice(0, 10))
     result = newton_sor(robertson_system(tasks), tasks["solution"], 1.0, tol=1e-9, max_iterations=0)

@@ -44,6 +44,9 @@ def newton_sor(
     (or be NaN) has diverged: it stops before that iterate, unconverged, counted
     as ``max_iterations``, and its history repeats its last residual, detached,
     up to the cap. Stopping before ``g`` overflows keeps every gradient finite.
+    With a tolerance, the history of every instance that does not converge is
+    detached: its derivative through thousands of iterations of a map that does
+    not contract overflows, and its count is the cap nearby anyway.
 
     Differentiable (reverse mode) with respect to ``y0``, ``relaxation`` and
     whatever ``system`` depends on. Only the instances still running are
@@ -143,6 +146,12 @@ def newton_sor(
     flat = torch.cat(history_rows) * width + torch.cat(history_steps)
     history = y0.new_zeros(batch * width).index_put((flat,), torch.cat(history_values))
     history = history.view(batch, width)
+    if tol is not None:
+        # An instance that does not converge passes no derivative through its history.
+        # Through thousands of steps of a map that does not contract, or on the way to
+        # divergence, its derivative in y0 and r reaches 1e200, drowning every other
+        # instance's, or overflows to NaN, voiding the batch's; its value is the cap's.
+        history = torch.where(converged[:, None], history, history.detach())
     if bool((diverged_at <= max_iterations).any()):
         # A diverged instance counts as the cap: its last residual stands until then.
         # (Its x is its last iterate within the limit.)
