@@ -254,3 +254,24 @@ def test_iterations_match_petsc_on_beams(beams, alpha):
     )
     # Same preconditioner: the first residuals agree to many digits.
     torch.testing.assert_close(ours.history[:, :6], reference.history[:, :6], rtol=1e-7, atol=0)
+
+
+@pytest.mark.dolfinx
+@needs_dolfinx
+def test_petsc_reference_handles_a_batch_of_different_patterns():
+    """Task 1 gains an edge, task 2 loses one: each is solved as when alone."""
+    A, b = random_spd(3)
+    A[1, 0, 5] = A[1, 5, 0] = -0.5  # the Laplacian of a new edge keeps A SPD
+    A[1, 0, 0] += 0.5
+    A[1, 5, 5] += 0.5
+    A[2, 0, 1] = A[2, 1, 0] = 0.0
+    alpha = torch.tensor([0.01, 0.02, 0.05], dtype=torch.float64)
+    batched = petsc_iccg(A, b, alpha, tol=1e-10, max_iterations=36)
+    for task in range(3):
+        alone = petsc_iccg(A[task : task + 1], b[task : task + 1], alpha[task : task + 1],
+                           tol=1e-10, max_iterations=36)  # fmt: skip
+        assert bool(alone.converged.all())
+        assert torch.equal(batched.iterations[task : task + 1], alone.iterations)
+        width = alone.history.shape[1]
+        assert torch.equal(batched.history[task : task + 1, :width], alone.history)
+        assert torch.equal(batched.x[task : task + 1], alone.x)
