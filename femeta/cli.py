@@ -458,6 +458,17 @@ def table2_command(
         str | None,
         typer.Option(help="Only these rows, comma-separated, e.g. base,best,eps=1e-06."),
     ] = None,
+    smooth: Annotated[
+        float | None,
+        typer.Option(
+            help="Train every row with the smoothed derivative of `femeta train elasticity "
+            "--smooth` (not in the paper). [default: the exact derivative]"
+        ),
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="With --smooth: 'petsc' runs the training solves in PETSc."),
+    ] = "torch",
     jobs: Jobs = 2,
     seed: TableSeed = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
@@ -476,7 +487,14 @@ def table2_command(
     with progress:
         bar = progress.add_task("table 2", total=len(grid))
         results = reproduce.run_table2(
-            budget, seed, jobs, max_iterations, lambda: progress.advance(bar), labels
+            budget,
+            seed,
+            jobs,
+            max_iterations,
+            lambda: progress.advance(bar),
+            labels,
+            smooth,
+            engine,
         )
     report_table(results, reproduce.table2_rich, out, as_json)
 

@@ -218,6 +218,9 @@ def test_reproduce_and_plot_reject_bad_options(tmp_path, invoke):
         ("reproduce", "table2", "--rows", "m=7"): "unknown Table 2 rows",
         ("reproduce", "table2", "--jobs", "0"): "--jobs",
         ("reproduce", "table2", "--max-iterations", "0"): "--max-iterations",
+        ("reproduce", "table2", "--engine", "petsc"): "needs --smooth",
+        ("reproduce", "table2", "--smooth", "-1"): "smooth must be positive",
+        ("reproduce", "table2", "--smooth", "0.25", "--engine", "cuda"): "unknown engine",
         ("plot", tmp_path / "missing"): "does not exist",
         ("plot", tmp_path, "--tol", "2"): "tolerance",
         (

@@ -241,6 +241,16 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert json.loads((tmp_path / "results.json").read_text()) == table
 
 
+def test_reproduce_table2_trains_with_the_smoothed_slope_in_petsc(invoke):
+    result = invoke("reproduce", "table2", "--rows", "m=1", "--epochs", "1", "--jobs", "1",
+                    "--smooth", "0.25", "--engine", "petsc", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    assert (table["smooth"], table["engine"]) == (0.25, "petsc")
+    (row,) = table["rows"]
+    assert row["label"] == "m=1" and row["median_alpha"] > 0 and row["mean"] <= 243
+
+
 @pytest.fixture(scope="module")
 def robertson_model(tmp_path_factory, invoke):
     """A 1-epoch L_m (m = 1) Psi_relax run on 8 parameter sets."""
