@@ -45,8 +45,8 @@ def newton_sor(
     as ``max_iterations``, and its history repeats its last residual, detached,
     up to the cap. Stopping before ``g`` overflows keeps every gradient finite.
     With a tolerance, the history of every instance that does not converge is
-    detached: its derivative through thousands of iterations of a map that does
-    not contract overflows, and its count is the cap nearby anyway.
+    detached, so it passes no derivative: through thousands of iterations of a
+    map that does not contract, that derivative reaches 1e200 or overflows.
 
     Differentiable (reverse mode) with respect to ``y0``, ``relaxation`` and
     whatever ``system`` depends on. Only the instances still running are
