@@ -104,8 +104,9 @@ def train(
 ) -> TrainResult:
     """Minimise the mean of ``objective`` over ``train_tasks`` with Adam.
 
-    A step whose loss or gradient is NaN or infinite is skipped (and counted),
-    so one broken solve cannot poison the weights. The weights of the best epoch
+    A step whose loss or gradient is NaN or infinite, or whose gradient's square
+    overflows, is skipped (and counted), so one broken solve cannot poison the
+    weights or Adam's state (see :func:`_safe_gradient`). The weights of the best epoch
     (``config.select``) are kept in the result; ``metasolver`` is left holding them.
 
     ``checkpoint`` receives the whole training state (weights, optimiser,
@@ -161,9 +162,7 @@ def train(
                 skipped += 1
                 continue
             loss.backward()
-            if not all(
-                torch.isfinite(p.grad).all() for p in metasolver.parameters() if p.grad is not None
-            ):
+            if not _safe_gradient(metasolver):
                 skipped += 1
                 continue
             optimizer.step()
@@ -230,6 +229,22 @@ def _monitored(monitor: Callable[[nn.Module], float] | None, metasolver: nn.Modu
 
 
 @torch.no_grad()
+def _safe_gradient(metasolver: nn.Module) -> bool:
+    """Whether every gradient entry and its square are finite.
+
+    Adam keeps a running mean of the squared gradient. A finite gradient near
+    the limit of its dtype (about 1e20 in float32) can make that mean infinite
+    for good, and the weight it belongs to never moves again: derivatives
+    through near-chaotic solves froze a fifth of Psi_relax's weights this way
+    (BENCHMARKS.md, Table 1).
+    """
+    return all(
+        bool(torch.isfinite(p.grad.square()).all())
+        for p in metasolver.parameters()
+        if p.grad is not None
+    )
+
+
 def evaluate_objective(
     metasolver: nn.Module, objective: Objective, tasks: TaskSet, batch_size: int
 ) -> float:

@@ -69,6 +69,27 @@ def test_non_finite_steps_are_skipped_and_counted():
         torch.testing.assert_close(value, before[name])
 
 
+def test_steps_whose_squared_gradient_overflows_are_skipped():
+    """A finite float32 gradient of 1e25 would leave Adam's second moment infinite."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    before = copy.deepcopy(model.state_dict())
+    first_batch = [True]
+
+    def spiky(model, tasks):
+        loss = (model(tasks["x"].float()).squeeze(1) - tasks["y"].float()) ** 2
+        scale = 1e25 if first_batch[0] else 1.0
+        first_batch[0] = False
+        return loss * scale
+
+    config = TrainConfig(epochs=1, batch_size=16)
+    result = train(model, spiky, regression_tasks(64, 0), regression_tasks(8, 1), config)
+    assert result.skipped_steps == 1
+    # Taken, that step would have frozen every weight: the other three must move them.
+    for name, value in model.state_dict().items():
+        assert bool(torch.isfinite(value).all()) and not torch.equal(value, before[name])
+
+
 def test_same_seed_gives_the_same_weights():
     config = TrainConfig(epochs=3, batch_size=16, seed=4)
     first, second = linear_model(), linear_model()
