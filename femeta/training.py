@@ -228,7 +228,6 @@ def _monitored(monitor: Callable[[nn.Module], float] | None, metasolver: nn.Modu
     return float(monitor(metasolver))
 
 
-@torch.no_grad()
 def _safe_gradient(metasolver: nn.Module) -> bool:
     """Whether every gradient entry and its square are finite.
 
@@ -245,6 +244,7 @@ def _safe_gradient(metasolver: nn.Module) -> bool:
     )
 
 
+@torch.no_grad()
 def evaluate_objective(
     metasolver: nn.Module, objective: Objective, tasks: TaskSet, batch_size: int
 ) -> float:

@@ -90,6 +90,18 @@ def test_steps_whose_squared_gradient_overflows_are_skipped():
         assert bool(torch.isfinite(value).all()) and not torch.equal(value, before[name])
 
 
+def test_training_steps_take_gradients_and_validation_does_not():
+    calls = []
+
+    def recording(model, tasks):
+        calls.append((model.training, torch.is_grad_enabled()))
+        return squared_error(model, tasks)
+
+    config = TrainConfig(epochs=2, batch_size=16)
+    train(linear_model(), recording, regression_tasks(32, 0), regression_tasks(16, 1), config)
+    assert calls == [(True, True), (True, True), (False, False)] * 2
+
+
 def test_same_seed_gives_the_same_weights():
     config = TrainConfig(epochs=3, batch_size=16, seed=4)
     first, second = linear_model(), linear_model()
