@@ -48,7 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.stop < 1:
         parser.error(f"--stop must be >= 1, got {args.stop}")
-    options = TrainOptions(**json.loads(args.options))
+    try:
+        options = TrainOptions(**json.loads(args.options))
+    except (ValueError, TypeError) as err:  # bad JSON, an unknown option or a bad value
+        parser.error(f"bad options {args.options!r}: {err}")
     torch.set_num_threads(1)
     base_train = femeta.workflow.train
     if args.revision is not None:
