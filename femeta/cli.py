@@ -106,7 +106,10 @@ def train_command(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option(help="Continue the interrupted run in this directory (other options unused)."),
+        typer.Option(
+            help="Continue the interrupted run in this directory (other options unused, "
+            "but --workers)."
+        ),
     ] = None,
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Checkpoint the training state at most this often.")
@@ -199,6 +202,13 @@ def train_command(
             "evaluation stay in torch. [default: torch]"
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="--engine petsc only: processes that share each batch's PETSc solves, "
+            "e.g. the number of cores; the results do not depend on it. [default: 1]"
+        ),
+    ] = None,
     select: Annotated[
         str | None,
         typer.Option(
@@ -228,7 +238,7 @@ def train_command(
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
-            "select": select, "engine": engine,
+            "select": select, "engine": engine, "workers": workers,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:
@@ -277,7 +287,7 @@ def train_command(
             else:
                 out = resume
                 _, _, result = resume_training(
-                    resume, problem, advance, checkpoint_seconds, monitor, device
+                    resume, problem, advance, checkpoint_seconds, monitor, device, workers
                 )
         except KeyboardInterrupt:
             typer.echo(

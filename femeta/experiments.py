@@ -35,8 +35,9 @@ from femeta.problems.poisson1d import Poisson1D
 from femeta.problems.robertson import Robertson, backward_euler_system
 from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult, jacobi
-from femeta.solvers.iccg import IccgResult, iccg, petsc_iccg
+from femeta.solvers.iccg import IccgResult, iccg
 from femeta.solvers.newton_sor import NonlinearSystem, newton_sor
+from femeta.solvers.petsc import PetscIccg
 from femeta.training import Objective, TrainConfig
 
 __all__ = [
@@ -144,9 +145,10 @@ class Poisson1DJacobi:
         clip: float | None = None,
         smooth: float | None = None,
         engine: str = "torch",
+        workers: int = 1,
     ) -> Objective:
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth, engine)
+        _elasticity_only(clip, smooth, engine, workers)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m))
         if loss == "surrogate":
@@ -291,14 +293,19 @@ class ElasticityIccg:
         result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
-    def _petsc_iccg(
-        self, A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
-    ) -> IccgResult:
-        """:func:`petsc_iccg` on the CPU, its result on this experiment's device."""
-        result = petsc_iccg(
-            A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
-        )
-        return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+    def _petsc_solver(self, workers: int) -> Callable[..., IccgResult]:
+        """A :class:`PetscIccg` on the CPU whose results come back on this experiment's device."""
+        engine = PetscIccg(workers)
+
+        def solve(
+            A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
+        ) -> IccgResult:
+            result = engine(
+                A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
+            )
+            return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+
+        return solve
 
     def objective(
         self,
@@ -309,6 +316,7 @@ class ElasticityIccg:
         clip: float | None = None,
         smooth: float | None = None,
         engine: str = "torch",
+        workers: int = 1,
     ) -> Objective:
         """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
 
@@ -325,7 +333,8 @@ class ElasticityIccg:
           without a tangent, three per task.
 
         ``engine`` runs those solves: ``"torch"`` (:func:`iccg`) or, with ``smooth``
-        only, ``"petsc"`` (:func:`petsc_iccg`, one KSP per task, faster on a CPU).
+        only, ``"petsc"`` (:class:`PetscIccg`, one KSP per task, faster on a CPU), over
+        ``workers`` processes; the results do not depend on ``workers``.
         """
         if loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
@@ -345,7 +354,9 @@ class ElasticityIccg:
                 "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha, "
                 "and only the smoothed slope does without one"
             )
-        solver = iccg if engine == "torch" else self._petsc_iccg
+        if engine == "torch" and workers != 1:
+            raise ValueError("--workers applies to --engine petsc only")
+        solver = iccg if engine == "torch" else self._petsc_solver(workers)
 
         def solve_loss_at(tasks: TaskSet, shift: Tensor) -> tuple[IccgResult, Tensor]:
             if loss == "m":
@@ -532,9 +543,10 @@ class RobertsonNewtonSor:
         clip: float | None = None,
         smooth: float | None = None,
         engine: str = "torch",
+        workers: int = 1,
     ) -> Objective:
         """L_m (``||g||`` after ``m`` iterations) or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth, engine)
+        _elasticity_only(clip, smooth, engine, workers)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared=False)
         if loss == "surrogate":
@@ -583,12 +595,14 @@ def _smoothed(
     return result, centre + slope * (log_alpha - log_alpha.detach())
 
 
-def _elasticity_only(clip: float | None, smooth: float | None, engine: str) -> None:
+def _elasticity_only(clip: float | None, smooth: float | None, engine: str, workers: int) -> None:
     for name, option in (("clip", clip), ("smooth", smooth)):
         if option is not None:
             raise ValueError(f"--{name} applies to the elasticity shift only")
     if engine != "torch":
         raise ValueError(f"--engine {engine} applies to the elasticity shift only")
+    if workers != 1:
+        raise ValueError("--workers applies to the elasticity shift with --engine petsc only")
 
 
 def _paper_steps(epochs: int | None, batch_size: int, lr: float, seed: int) -> TrainConfig:

@@ -46,7 +46,8 @@ class TrainOptions:
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
     training and validation solves of ``elasticity`` with ``smooth`` in PETSc
-    (the monitor and evaluation stay in torch).
+    (the monitor and evaluation stay in torch), over ``workers`` processes, which
+    changes the wall time and nothing else.
     :func:`train_metasolver` saves the resolved values.
     """
 
@@ -67,11 +68,12 @@ class TrainOptions:
     guess_init: str | None = None
     select: str = "loss"
     engine: str = "torch"
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("m", "epochs", "seed", "batch_size", "sets"):
+        for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
             value = getattr(self, name)
-            if not (value is None and name != "seed") and (
+            if not (value is None and name not in ("seed", "workers")) and (
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -88,6 +90,10 @@ class TrainOptions:
         if self.engine == "petsc" and self.smooth is None:
             raise ValueError(
                 "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha"
+            )
+        if self.workers < 1 or (self.workers > 1 and self.engine != "petsc"):
+            raise ValueError(
+                f"workers must be 1, or more with --engine petsc only, got {self.workers}"
             )
         if self.select not in ("loss", "iterations"):
             raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
@@ -158,8 +164,12 @@ def resume_training(
     checkpoint_seconds: float = 10.0,
     monitor_iterations: bool = False,
     device: str | torch.device = "cpu",
+    workers: int | None = None,
 ) -> tuple[Any, nn.Module, TrainResult]:
-    """Continue an interrupted :func:`train_metasolver` run from its last checkpoint."""
+    """Continue an interrupted :func:`train_metasolver` run from its last checkpoint.
+
+    ``workers`` replaces the run's own (it changes only the wall time).
+    """
     run_dir = Path(run_dir)
     if (run_dir / "config.json").exists():
         raise RunError(f"{run_dir} holds a completed run; there is nothing to resume")
@@ -173,6 +183,8 @@ def resume_training(
         raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
     if options.problem != problem:
         raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
+    if workers is not None:
+        options = replace(options, workers=workers)
     return _train(
         options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"], monitor_iterations, device
     )
@@ -211,7 +223,14 @@ def _train(
     validation_tasks = experiment.tasks("validation", options.seed)
     tol = options.tol if options.loss == "surrogate" else None
     objective = experiment.objective(
-        options.loss, options.m, tol, options.gain, options.clip, options.smooth, options.engine
+        options.loss,
+        options.m,
+        tol,
+        options.gain,
+        options.clip,
+        options.smooth,
+        options.engine,
+        options.workers,
     )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)

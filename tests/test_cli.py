@@ -165,10 +165,12 @@ def beam_model(tmp_path_factory, invoke):
 def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     out = tmp_path / "petsc"
     result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
-                    "--epochs", "1", "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+                    "--workers", "2", "--epochs", "1", "--no-monitor", "--device", "cpu",
+                    "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert (config["options"]["engine"], config["options"]["smooth"]) == ("petsc", 0.25)
+    options = config["options"]
+    assert (options["engine"], options["smooth"], options["workers"]) == ("petsc", 0.25, 2)
     history = json.loads((out / "history.json").read_text())
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 

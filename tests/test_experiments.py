@@ -277,6 +277,26 @@ def test_petsc_and_torch_engines_agree_on_stout_beams(experiment, tasks):
     assert gradients[1] == pytest.approx(gradients[0], rel=0.1)
 
 
+def test_petsc_workers_change_nothing_but_the_wall_time(experiment, tasks):
+    """Two processes give the loss and the gradient of one, bit for bit."""
+    subset = tasks.subset(slice(0, 12))
+    outcomes = []
+    for workers in (1, 2):
+        psi = LogShift(2e-3)  # some beams fail here: the penalty's path is in the batch too
+        objective = experiment.objective(
+            "surrogate", 243, 1e-6, smooth=0.25, engine="petsc", workers=workers
+        )
+        loss = objective(psi, subset)
+        loss.sum().backward()
+        outcomes.append((loss.detach(), psi.log_alpha.grad))
+    assert torch.equal(outcomes[0][0], outcomes[1][0])
+    assert torch.equal(outcomes[0][1], outcomes[1][1])
+    with pytest.raises(ValueError, match="engine petsc only"):
+        experiment.objective("surrogate", 243, 1e-6, smooth=0.25, workers=2)
+    with pytest.raises(ValueError, match="elasticity shift"):
+        Poisson1DJacobi().objective("m", 5, None, workers=2)
+
+
 @pytest.fixture
 def robertson(tmp_path, monkeypatch):
     """Robertson on 8 parameter sets (200 train tasks), with a private cache for r_base."""

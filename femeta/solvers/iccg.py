@@ -23,12 +23,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from femeta._fenics import import_dolfinx
 from femeta.solvers.base import SolverResult, check_finite, check_stopping
 
 __all__ = ["IccgResult", "iccg", "petsc_iccg"]
@@ -118,78 +116,13 @@ def petsc_iccg(
     shift type ``NONE``, the unpreconditioned norm, ``rtol = tol``, ``atol = 0``
     and a zero initial guess. PETSc flags only a zero pivot; a negative one
     surfaces in CG as an indefinite preconditioner, so both count as a failed
-    factorization. Options are set through the API under a per-KSP prefix; the
-    global options database is never touched.
+    factorization. For systems solved again and again, or over several
+    processes, use :class:`~femeta.solvers.petsc.PetscIccg`.
     """
-    check_stopping(tol, max_iterations)
-    A, b, alpha, _ = _check_inputs(A, b, alpha, None, torch.device("cpu"), torch.float64)
-    import_dolfinx()
-    from mpi4py import MPI
-    from petsc4py import PETSc
+    from femeta.solvers.petsc import PetscIccg
 
-    batch, n = b.shape
-    width = max_iterations + 1
-    history = np.zeros((batch, width))
-    x = np.zeros((batch, n))
-    iterations = np.zeros(batch, dtype=np.int64)
-    converged = np.zeros(batch, dtype=bool)
-    failed = np.zeros(batch, dtype=bool)
-    reasons = PETSc.KSP.ConvergedReason
-    failures = {reasons.DIVERGED_PCSETUP_FAILED, reasons.DIVERGED_INDEFINITE_PC}
-    # Every task's CSR at once: (task, row, column) of the nonzeros come sorted.
-    dense, rhs_all, shifts = A.numpy(), b.numpy(), alpha.numpy()
-    owner, rows, columns = np.nonzero(dense)
-    values = dense[owner, rows, columns]
-    bounds = np.searchsorted(owner, np.arange(batch + 1))
-    scales = np.linalg.norm(rhs_all, axis=1)
-    for task in range(batch):
-        entries = slice(bounds[task], bounds[task + 1])
-        row, data = rows[entries], values[entries]
-        indptr = np.searchsorted(row, np.arange(n + 1)).astype(PETSc.IntType)
-        indices = columns[entries].astype(PETSc.IntType)
-        on_diagonal = row == indices
-        shifted = data.copy()
-        shifted[on_diagonal] += shifts[task] * data[on_diagonal]
-        operators = [
-            PETSc.Mat().createAIJ((n, n), csr=(indptr, indices, nonzeros), comm=MPI.COMM_SELF)
-            for nonzeros in (data, shifted)
-        ]
-        ksp = PETSc.KSP().create(MPI.COMM_SELF)
-        ksp.setOptionsPrefix(f"femeta_iccg_{task}_")
-        ksp.setOperators(*operators)
-        ksp.setType(PETSc.KSP.Type.CG)
-        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-        ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
-        ksp.setConvergenceHistory(length=width, reset=True)
-        pc = ksp.getPC()
-        pc.setType(PETSc.PC.Type.ICC)
-        pc.setFactorLevels(0)
-        pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
-        pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
-        solution, rhs = operators[0].createVecs()
-        rhs.setArray(rhs_all[task])
-        ksp.solve(rhs, solution)
-        reason = ksp.getConvergedReason()
-        if reason in failures:
-            failed[task] = True
-            iterations[task] = max_iterations
-            history[task] = 1.0
-        else:
-            iterations[task] = ksp.getIterationNumber()
-            converged[task] = tol is not None and reason > 0
-            norms = ksp.getConvergenceHistory()
-            history[task, : len(norms)] = norms / scales[task]
-            x[task] = solution.getArray()
-        for item in (ksp, solution, rhs, *operators):
-            item.destroy()
-    longest = int(iterations.max(initial=0)) + 1
-    return IccgResult(
-        torch.from_numpy(x),
-        torch.from_numpy(iterations),
-        torch.from_numpy(history[:, :longest]).contiguous(),
-        torch.from_numpy(converged),
-        torch.from_numpy(failed),
-    )
+    with PetscIccg() as engine:
+        return engine(A, b, alpha, tol=tol, max_iterations=max_iterations)
 
 
 def _check_inputs(

@@ -1,0 +1,354 @@
+"""ICCG(alpha) in PETSc (CG + ICC(0), one KSP per task) for systems that recur.
+
+Training solves the same tasks every epoch, only with other shifts. :class:`PetscIccg`
+keeps each system's CSR form and PETSc matrix between calls and finds them again by
+content, and it can spread a batch's solves over worker processes, one KSP per task
+as before. A solve does the same arithmetic wherever it runs, so the results do not
+depend on ``workers``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from femeta._fenics import import_dolfinx
+from femeta.solvers.base import check_stopping
+from femeta.solvers.iccg import IccgResult, _check_inputs
+
+__all__ = ["PetscIccg"]
+
+# Variables through which a process finds its MPI launcher. A worker drops them, so
+# that its MPI starts as a singleton instead of joining the parent's job.
+_LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPIR_")
+# A worker: import this module from the parent's femeta and serve on the given socket.
+_WORKER = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from femeta.solvers.petsc import _serve; _serve(int(sys.argv[2]))"
+)
+
+
+@dataclass(frozen=True)
+class _System:
+    """One task's ``A`` in CSR form (PETSc's index type), known to solvers by ``key``."""
+
+    key: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    # Where ``data`` sits in the flattened dense matrix, to check a cached system.
+    positions: np.ndarray
+
+    @classmethod
+    def from_dense(cls, key: int, dense: np.ndarray, index_type: Any) -> _System:
+        n = dense.shape[0]
+        rows, columns = np.nonzero(dense)
+        return cls(
+            key,
+            np.searchsorted(rows, np.arange(n + 1)).astype(index_type),
+            columns.astype(index_type),
+            dense[rows, columns],
+            rows * n + columns,
+        )
+
+    @property
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.indptr, self.indices, self.data
+
+    def matches(self, dense: np.ndarray, nonzeros: int) -> bool:
+        """Whether ``dense`` (with ``nonzeros`` nonzero entries) is this very matrix."""
+        return nonzeros == self.data.size and np.array_equal(
+            dense.reshape(-1)[self.positions], self.data
+        )
+
+
+class PetscIccg:
+    """CG + ICC(0) solves in PETSc, the same as :func:`~femeta.solvers.iccg.petsc_iccg`.
+
+    Call it like :func:`~femeta.solvers.iccg.petsc_iccg`. Each task's system is
+    kept (the ``capacity`` most recently used ones) and recognised in later calls
+    by its right-hand side and diagonal, then checked entry by entry, so a changed
+    matrix is never mistaken for a kept one. With ``workers > 1``, that many
+    processes share each call's tasks (this one and ``workers - 1`` others, started
+    on the first call); each keeps the systems it has been sent. :meth:`close`
+    stops them; so does leaving a ``with`` block or the end of the program.
+    """
+
+    def __init__(self, workers: int = 1, *, capacity: int = 4096) -> None:
+        for name, value in (("workers", workers), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.workers = workers
+        self.capacity = capacity
+        self._systems: OrderedDict[bytes, _System] = OrderedDict()
+        self._next_key = 0
+        self._forget: list[int] = []
+        self._local = _Solver()
+        self._children: list[_Child] = []
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop_children, self._children)
+
+    def __enter__(self) -> PetscIccg:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes; the engine cannot solve afterwards."""
+        self._closed = True
+        self._finalizer()
+
+    @property
+    def cached(self) -> int:
+        """How many systems are kept."""
+        return len(self._systems)
+
+    def __call__(
+        self, A: Tensor, b: Tensor, alpha: Tensor | float, *, tol: float | None,
+        max_iterations: int,
+    ) -> IccgResult:  # fmt: skip
+        if self._closed:
+            raise RuntimeError("this PetscIccg is closed; create a new one to solve again")
+        check_stopping(tol, max_iterations)
+        A, b, alpha, _ = _check_inputs(A, b, alpha, None, torch.device("cpu"), torch.float64)
+        import_dolfinx()
+        from petsc4py import PETSc
+
+        self._start()
+        dense, rhs, shifts = A.numpy(), b.numpy(), alpha.numpy()
+        systems = self._find(dense, rhs, PETSc.IntType)
+        forget, self._forget = self._forget, []
+        self._local.forget(forget)
+        batch = len(systems)
+        parts = [range(start, batch, self.workers) for start in range(self.workers)]
+        for child, part in zip(self._children, parts[1:], strict=True):
+            child.known.difference_update(forget)
+            jobs = []
+            for task in part:
+                system = systems[task]
+                csr = None if system.key in child.known else system.csr
+                child.known.add(system.key)
+                jobs.append((system.key, csr, rhs[task], shifts[task]))
+            child.send((forget, tol, max_iterations, jobs))
+        jobs = [(systems[t].key, systems[t].csr, rhs[t], shifts[t]) for t in parts[0]]
+        outcomes = dict(zip(parts[0], self._local.solve(jobs, tol, max_iterations), strict=True))
+        for child, part in zip(self._children, parts[1:], strict=True):
+            outcomes.update(zip(part, child.receive(), strict=True))
+        return _assemble([outcomes[task] for task in range(batch)], rhs, tol, max_iterations)
+
+    def _start(self) -> None:
+        while len(self._children) < self.workers - 1:
+            self._children.append(_Child())
+
+    def _find(self, dense: np.ndarray, rhs: np.ndarray, index_type: Any) -> list[_System]:
+        """Each task's kept system, made (and kept) where there is none or it differs."""
+        batch = dense.shape[0]
+        nonzeros = np.count_nonzero(dense.reshape(batch, -1), axis=1)
+        systems = []
+        for task in range(batch):
+            name = rhs[task].tobytes() + np.diagonal(dense[task]).tobytes()
+            system = self._systems.get(name)
+            if system is None or not system.matches(dense[task], nonzeros[task]):
+                if system is not None:
+                    self._forget.append(system.key)
+                system = _System.from_dense(self._next_key, dense[task], index_type)
+                self._next_key += 1
+                self._systems[name] = system
+            self._systems.move_to_end(name)
+            systems.append(system)
+        while len(self._systems) > self.capacity:
+            self._forget.append(self._systems.popitem(last=False)[1].key)
+        return systems
+
+
+def _assemble(
+    outcomes: list[tuple[np.ndarray, int, np.ndarray, int]],
+    rhs: np.ndarray,
+    tol: float | None,
+    max_iterations: int,
+) -> IccgResult:
+    """The :class:`IccgResult` of per-task ``(x, iterations, residual norms, reason)``."""
+    from petsc4py import PETSc
+
+    reasons = PETSc.KSP.ConvergedReason
+    failures = {reasons.DIVERGED_PCSETUP_FAILED, reasons.DIVERGED_INDEFINITE_PC}
+    batch, n = rhs.shape
+    history = np.zeros((batch, max_iterations + 1))
+    x = np.zeros((batch, n))
+    iterations = np.zeros(batch, dtype=np.int64)
+    converged = np.zeros(batch, dtype=bool)
+    failed = np.zeros(batch, dtype=bool)
+    scales = np.linalg.norm(rhs, axis=1)
+    for task, (solution, count, norms, reason) in enumerate(outcomes):
+        if reason in failures:
+            failed[task] = True
+            iterations[task] = max_iterations
+            history[task] = 1.0
+        else:
+            iterations[task] = count
+            converged[task] = tol is not None and reason > 0
+            history[task, : len(norms)] = norms / scales[task]
+            x[task] = solution
+    longest = int(iterations.max(initial=0)) + 1
+    return IccgResult(
+        torch.from_numpy(x),
+        torch.from_numpy(iterations),
+        torch.from_numpy(history[:, :longest]).contiguous(),
+        torch.from_numpy(converged),
+        torch.from_numpy(failed),
+    )
+
+
+class _Solver:
+    """The KSP solves of one process, with the systems it has been given."""
+
+    def __init__(self) -> None:
+        self._systems: dict[int, tuple[tuple[np.ndarray, ...], Any]] = {}
+
+    def forget(self, keys: list[int]) -> None:
+        for key in keys:
+            self._systems.pop(key, None)
+
+    def solve(
+        self, jobs: list[tuple[int, Any, np.ndarray, float]], tol: float | None,
+        max_iterations: int,
+    ) -> list[tuple[np.ndarray, int, np.ndarray, int]]:  # fmt: skip
+        """``(x, iterations, residual norms, reason)`` of each ``(key, csr, rhs, alpha)``.
+
+        ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` is the
+        preconditioning matrix, with natural ordering, shift type ``NONE``, the
+        unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial
+        guess. Options are set through the API under a per-KSP prefix; the global
+        options database is never touched.
+        """
+        from mpi4py import MPI
+        from petsc4py import PETSc
+
+        outcomes = []
+        for position, (key, csr, rhs, alpha) in enumerate(jobs):
+            if key not in self._systems:
+                indptr, indices, data = csr
+                matrix = PETSc.Mat().createAIJ((len(indptr) - 1,) * 2, csr=csr, comm=MPI.COMM_SELF)
+                rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+                self._systems[key] = ((indptr, indices, data, rows == indices), matrix)
+            (indptr, indices, data, on_diagonal), matrix = self._systems[key]
+            shifted = data.copy()
+            shifted[on_diagonal] += alpha * data[on_diagonal]
+            n = len(indptr) - 1
+            preconditioning = PETSc.Mat().createAIJ(
+                (n, n), csr=(indptr, indices, shifted), comm=MPI.COMM_SELF
+            )
+            ksp = PETSc.KSP().create(MPI.COMM_SELF)
+            ksp.setOptionsPrefix(f"femeta_iccg_{position}_")
+            ksp.setOperators(matrix, preconditioning)
+            ksp.setType(PETSc.KSP.Type.CG)
+            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
+            ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
+            pc = ksp.getPC()
+            pc.setType(PETSc.PC.Type.ICC)
+            pc.setFactorLevels(0)
+            pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
+            pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
+            solution, right = matrix.createVecs()
+            right.setArray(rhs)
+            ksp.solve(right, solution)
+            outcomes.append(
+                (
+                    solution.getArray().copy(),
+                    ksp.getIterationNumber(),
+                    np.array(ksp.getConvergenceHistory()),
+                    int(ksp.getConvergedReason()),
+                )
+            )
+            for item in (ksp, solution, right, preconditioning):
+                item.destroy()
+        return outcomes
+
+
+class _Child:
+    """A worker process and the systems it has been sent."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        environment = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(_LAUNCHER_VARIABLES)
+        }
+        package_root = str(Path(__file__).resolve().parents[2])
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, package_root, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=environment,
+            )
+        self.connection = Connection(ours.detach())
+        self.known: set[int] = set()
+
+    def send(self, message: Any) -> None:
+        try:
+            self.connection.send(message)
+        except OSError as err:
+            raise self._died() from err
+
+    def receive(self) -> Any:
+        try:
+            status, payload = self.connection.recv()
+        except (EOFError, OSError) as err:
+            raise self._died() from err
+        if status == "error":
+            raise RuntimeError(f"a PETSc worker process failed:\n{payload}")
+        return payload
+
+    def _died(self) -> RuntimeError:
+        code = self.process.wait(timeout=10)
+        return RuntimeError(
+            f"a PETSc worker process (pid {self.process.pid}) exited with code {code}; "
+            "its solves are lost. Check its error output above, or pass workers=1"
+        )
+
+    def stop(self) -> None:
+        self.connection.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _stop_children(children: list[_Child]) -> None:
+    while children:
+        children.pop().stop()
+
+
+def _serve(descriptor: int) -> None:
+    """A worker's loop: solve each message's jobs until the parent hangs up."""
+    import_dolfinx()
+    connection = Connection(descriptor)
+    solver = _Solver()
+    while True:
+        try:
+            forget, tol, max_iterations, jobs = connection.recv()
+        except EOFError:
+            return
+        try:
+            solver.forget(forget)
+            reply = ("ok", solver.solve(jobs, tol, max_iterations))
+        except Exception:
+            reply = ("error", traceback.format_exc())
+        connection.send(reply)

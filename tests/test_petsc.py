@@ -1,0 +1,108 @@
+"""PetscIccg: kept systems, worker processes, and the same results either way."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+from test_iccg import KERSHAW, random_spd
+
+from femeta._fenics import has_dolfinx
+from femeta.solvers.iccg import IccgResult
+
+pytestmark = [
+    pytest.mark.dolfinx,
+    pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx and petsc4py"),
+]
+
+
+def systems(batch: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid Laplacians, one with Kershaw's matrix in its corner (IC(0) fails below a shift)."""
+    A, b = random_spd(batch, seed=seed)
+    A[0] = torch.eye(A.shape[1], dtype=torch.float64)
+    A[0, :4, :4] = KERSHAW
+    alpha = torch.logspace(-4, -1, batch, dtype=torch.float64)
+    return A, b, alpha
+
+
+def fresh(A: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> IccgResult:
+    from femeta.solvers.petsc import PetscIccg
+
+    with PetscIccg() as engine:
+        return engine(A, b, alpha, tol=1e-10, max_iterations=40)
+
+
+def assert_identical(result: IccgResult, expected: IccgResult) -> None:
+    for field in fields(IccgResult):
+        assert torch.equal(getattr(result, field.name), getattr(expected, field.name)), field.name
+
+
+def test_workers_and_kept_systems_give_the_same_results():
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems()
+    expected = fresh(A, b, alpha)
+    assert bool(expected.factorization_failed[0]) and not bool(
+        expected.factorization_failed[1:].any()
+    )
+    assert bool(expected.converged[1:].all())
+    with PetscIccg(workers=3) as engine:
+        for _ in range(2):  # the second call finds every system kept, here and in the workers
+            assert_identical(engine(A, b, alpha, tol=1e-10, max_iterations=40), expected)
+            assert engine.cached == len(b)
+        # Another order and other shifts: the workers get other tasks than before.
+        order = torch.randperm(len(b), generator=torch.Generator().manual_seed(1))
+        assert_identical(
+            engine(A[order], b[order], 2 * alpha[order], tol=1e-10, max_iterations=40),
+            fresh(A[order], b[order], 2 * alpha[order]),
+        )
+
+
+@pytest.mark.parametrize("change", ["value", "new entry"])
+def test_a_changed_matrix_is_not_taken_for_a_kept_one(change):
+    """Same right-hand side and diagonal, one off-diagonal pair changed: solved anew."""
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems()
+    changed = A.clone()
+    row, column = (0, 1) if change == "value" else (0, 20)
+    assert (A[3, row, column] == 0) == (change == "new entry")
+    changed[3, row, column] = changed[3, column, row] = 0.5 * A[3, 0, 1]
+    expected = fresh(changed, b, alpha)
+    with PetscIccg(workers=2) as engine:
+        engine(A, b, alpha, tol=1e-10, max_iterations=40)
+        result = engine(changed, b, alpha, tol=1e-10, max_iterations=40)
+    assert_identical(result, expected)
+    assert not torch.equal(result.history[3], fresh(A, b, alpha).history[3])  # it matters
+
+
+def test_capacity_bounds_the_kept_systems():
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems()
+    other_A, other_b, _ = systems(seed=1)
+    with PetscIccg(workers=2, capacity=3) as engine:
+        for matrices, rhs in ((A, b), (other_A, other_b), (A, b)):
+            result = engine(matrices, rhs, alpha, tol=1e-10, max_iterations=40)
+            assert engine.cached == 3
+            assert_identical(result, fresh(matrices, rhs, alpha))
+
+
+def test_bad_use_gets_a_clear_error():
+    from femeta.solvers.petsc import PetscIccg
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            PetscIccg(workers=bad)
+    with pytest.raises(ValueError, match="capacity must be an integer >= 1"):
+        PetscIccg(capacity=0)
+    A, b, alpha = systems()
+    engine = PetscIccg(workers=2)
+    engine(A, b, alpha, tol=1e-10, max_iterations=40)
+    engine._children[0].process.kill()  # a worker that died, e.g. of lack of memory
+    with pytest.raises(RuntimeError, match=r"worker process .* exited"):
+        engine(A, b, alpha, tol=1e-10, max_iterations=40)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine(A, b, alpha, tol=1e-10, max_iterations=40)
