@@ -130,21 +130,26 @@ class PetscIccg:
 
         self._start()
         dense, rhs, shifts = A.numpy(), b.numpy(), alpha.numpy()
-        systems = self._find(dense, rhs, PETSc.IntType)
         forget, self._forget = self._forget, []
         self._local.forget(forget)
-        batch = len(systems)
+        batch = dense.shape[0]
         parts = [range(start, batch, self.workers) for start in range(self.workers)]
+        # The workers' tasks are looked up and sent first, so that they start early.
         for child, part in zip(self._children, parts[1:], strict=True):
             child.known.difference_update(forget)
             jobs = []
             for task in part:
-                system = systems[task]
+                system = self._find(dense[task], rhs[task], PETSc.IntType)
                 csr = None if system.key in child.known else system.csr
                 child.known.add(system.key)
                 jobs.append((system.key, csr, rhs[task], shifts[task]))
             child.send((forget, tol, max_iterations, jobs))
-        jobs = [(systems[t].key, systems[t].csr, rhs[t], shifts[t]) for t in parts[0]]
+        jobs = []
+        for task in parts[0]:
+            system = self._find(dense[task], rhs[task], PETSc.IntType)
+            jobs.append((system.key, system.csr, rhs[task], shifts[task]))
+        while len(self._systems) > self.capacity:
+            self._forget.append(self._systems.popitem(last=False)[1].key)
         outcomes = dict(zip(parts[0], self._local.solve(jobs, tol, max_iterations), strict=True))
         for child, part in zip(self._children, parts[1:], strict=True):
             outcomes.update(zip(part, child.receive(), strict=True))
@@ -154,25 +159,21 @@ class PetscIccg:
         while len(self._children) < self.workers - 1:
             self._children.append(_Child())
 
-    def _find(self, dense: np.ndarray, rhs: np.ndarray, index_type: Any) -> list[_System]:
-        """Each task's kept system, made (and kept) where there is none or it differs."""
-        batch = dense.shape[0]
-        nonzeros = np.count_nonzero(dense.reshape(batch, -1), axis=1)
-        systems = []
-        for task in range(batch):
-            name = rhs[task].tobytes() + np.diagonal(dense[task]).tobytes()
-            system = self._systems.get(name)
-            if system is None or not system.matches(dense[task], nonzeros[task]):
-                if system is not None:
-                    self._forget.append(system.key)
-                system = _System.from_dense(self._next_key, dense[task], index_type)
-                self._next_key += 1
-                self._systems[name] = system
-            self._systems.move_to_end(name)
-            systems.append(system)
-        while len(self._systems) > self.capacity:
-            self._forget.append(self._systems.popitem(last=False)[1].key)
-        return systems
+    def _find(self, dense: np.ndarray, rhs: np.ndarray, index_type: Any) -> _System:
+        """The kept system of one task, made (and kept) where there is none or it differs.
+
+        Systems beyond ``capacity`` are dropped by the caller once the call's are found.
+        """
+        name = rhs.tobytes() + np.diagonal(dense).tobytes()
+        system = self._systems.get(name)
+        if system is None or not system.matches(dense, np.count_nonzero(dense)):
+            if system is not None:
+                self._forget.append(system.key)
+            system = _System.from_dense(self._next_key, dense, index_type)
+            self._next_key += 1
+            self._systems[name] = system
+        self._systems.move_to_end(name)
+        return system
 
 
 def _assemble(
