@@ -10,6 +10,7 @@ depend on ``workers``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,7 +85,8 @@ class PetscIccg:
     matrix is never mistaken for a kept one. With ``workers > 1``, that many
     processes share each call's tasks (this one and ``workers - 1`` others, started
     on the first call); each keeps the systems it has been sent. :meth:`close`
-    stops them; so does leaving a ``with`` block or the end of the program.
+    stops them; so does leaving a ``with`` block, the end of the program, or an
+    error during a call (the engine is closed then).
     """
 
     def __init__(self, workers: int = 1, *, capacity: int = 4096) -> None:
@@ -122,7 +124,10 @@ class PetscIccg:
         max_iterations: int,
     ) -> IccgResult:  # fmt: skip
         if self._closed:
-            raise RuntimeError("this PetscIccg is closed; create a new one to solve again")
+            raise RuntimeError(
+                "this PetscIccg is closed (by close() or by an error in an earlier call); "
+                "create a new one to solve again"
+            )
         check_stopping(tol, max_iterations)
         A, b, alpha, _ = _check_inputs(A, b, alpha, None, torch.device("cpu"), torch.float64)
         import_dolfinx()
@@ -134,25 +139,31 @@ class PetscIccg:
         self._local.forget(forget)
         batch = dense.shape[0]
         parts = [range(start, batch, self.workers) for start in range(self.workers)]
-        # The workers' tasks are looked up and sent first, so that they start early.
-        for child, part in zip(self._children, parts[1:], strict=True):
-            child.known.difference_update(forget)
+        try:
+            # The workers' tasks are looked up and sent first, so that they start early.
+            for child, part in zip(self._children, parts[1:], strict=True):
+                child.known.difference_update(forget)
+                jobs = []
+                for task in part:
+                    system = self._find(dense[task], rhs[task], PETSc.IntType)
+                    csr = None if system.key in child.known else system.csr
+                    child.known.add(system.key)
+                    jobs.append((system.key, csr, rhs[task], shifts[task]))
+                child.send((forget, tol, max_iterations, jobs))
             jobs = []
-            for task in part:
+            for task in parts[0]:
                 system = self._find(dense[task], rhs[task], PETSc.IntType)
-                csr = None if system.key in child.known else system.csr
-                child.known.add(system.key)
-                jobs.append((system.key, csr, rhs[task], shifts[task]))
-            child.send((forget, tol, max_iterations, jobs))
-        jobs = []
-        for task in parts[0]:
-            system = self._find(dense[task], rhs[task], PETSc.IntType)
-            jobs.append((system.key, system.csr, rhs[task], shifts[task]))
-        while len(self._systems) > self.capacity:
-            self._forget.append(self._systems.popitem(last=False)[1].key)
-        outcomes = dict(zip(parts[0], self._local.solve(jobs, tol, max_iterations), strict=True))
-        for child, part in zip(self._children, parts[1:], strict=True):
-            outcomes.update(zip(part, child.receive(), strict=True))
+                jobs.append((system.key, system.csr, rhs[task], shifts[task]))
+            while len(self._systems) > self.capacity:
+                self._forget.append(self._systems.popitem(last=False)[1].key)
+            outcomes = dict(
+                zip(parts[0], self._local.solve(jobs, tol, max_iterations), strict=True)
+            )
+            for child, part in zip(self._children, parts[1:], strict=True):
+                outcomes.update(zip(part, child.receive(), strict=True))
+        except BaseException:
+            self.close()  # a worker may still owe its reply: no later call may read it
+            raise
         return _assemble([outcomes[task] for task in range(batch)], rhs, tol, max_iterations)
 
     def _start(self) -> None:
@@ -338,18 +349,25 @@ def _stop_children(children: list[_Child]) -> None:
 
 
 def _serve(descriptor: int) -> None:
-    """A worker's loop: solve each message's jobs until the parent hangs up."""
+    """A worker's loop: solve each message's jobs until the parent hangs up.
+
+    Ctrl-C reaches the whole process group; the parent handles it and hangs up.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import_dolfinx()
     connection = Connection(descriptor)
     solver = _Solver()
     while True:
         try:
             forget, tol, max_iterations, jobs = connection.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         try:
             solver.forget(forget)
             reply = ("ok", solver.solve(jobs, tol, max_iterations))
         except Exception:
             reply = ("error", traceback.format_exc())
-        connection.send(reply)
+        try:
+            connection.send(reply)
+        except OSError:  # the parent stopped waiting for this reply
+            return
