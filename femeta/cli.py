@@ -197,9 +197,9 @@ def train_command(
     engine: Annotated[
         str | None,
         typer.Option(
-            help="elasticity with --smooth only: run the training and validation solves with "
-            "'petsc' (a KSP per task, faster on a CPU) instead of 'torch'; the monitor and "
-            "evaluation stay in torch. [default: torch]"
+            help="elasticity with --smooth only: run the training, validation and monitor "
+            "solves with 'petsc' (a KSP per task, faster on a CPU) instead of 'torch'; "
+            "evaluation stays in torch. [default: torch]"
         ),
     ] = None,
     workers: Annotated[

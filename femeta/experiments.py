@@ -180,6 +180,10 @@ class ElasticityIccg:
     cells: tuple[int, int, int] = (8, 2, 2)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
+    # One PETSc engine per worker count, shared by the objective and the monitor.
+    _engines: dict[int, Callable[..., IccgResult]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -287,14 +291,28 @@ class ElasticityIccg:
 
     @torch.no_grad()
     def stats(
-        self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int
-    ) -> IterationStats:
-        """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap)."""
-        result = self.solve(metasolver, tasks, tol, max_iterations)
+        self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int,
+        engine: str = "torch", workers: int = 1,
+    ) -> IterationStats:  # fmt: skip
+        """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap).
+
+        ``engine="petsc"`` solves a meta-solver's shifts with :class:`PetscIccg` over
+        ``workers`` processes, as training does with that engine (Psi_best stays in torch).
+        """
+        if engine not in ("torch", "petsc"):
+            raise ValueError(f"unknown engine {engine!r}; expected 'torch' or 'petsc'")
+        if engine == "petsc" and not isinstance(metasolver, ShiftGrid):
+            alpha = metasolver(tasks["features"])
+            solve = self._petsc_solver(workers)
+            result = solve(tasks["A"], tasks["b"], alpha, tol, max_iterations)
+        else:
+            result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
     def _petsc_solver(self, workers: int) -> Callable[..., IccgResult]:
-        """A :class:`PetscIccg` on the CPU whose results come back on this experiment's device."""
+        """The :class:`PetscIccg` of ``workers`` processes, its results on this device."""
+        if workers in self._engines:
+            return self._engines[workers]
         engine = PetscIccg(workers)
 
         def solve(
@@ -305,6 +323,7 @@ class ElasticityIccg:
             )
             return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
 
+        self._engines[workers] = solve
         return solve
 
     def objective(

@@ -45,8 +45,8 @@ class TrainOptions:
     ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
-    training and validation solves of ``elasticity`` with ``smooth`` in PETSc
-    (the monitor and evaluation stay in torch), over ``workers`` processes, which
+    training, validation and monitor solves of ``elasticity`` with ``smooth`` in
+    PETSc (evaluation stays in torch) over ``workers`` processes; ``workers``
     changes the wall time and nothing else.
     :func:`train_metasolver` saves the resolved values.
     """
@@ -238,8 +238,13 @@ def _train(
     if monitor_iterations:
         cap = monitor_cap(experiment.evaluation_cap, options)
 
+        # With the PETSc engine the monitor solves with it too, on the systems training keeps.
+        engine = {} if options.engine == "torch" else {"engine": options.engine,
+                                                        "workers": options.workers}  # fmt: skip
+
         def monitor(psi: nn.Module) -> float:
-            return experiment.stats(psi, validation_tasks, options.tol, cap).mean_iterations
+            stats = experiment.stats(psi, validation_tasks, options.tol, cap, **engine)
+            return stats.mean_iterations
 
     checkpoint = None
     if out is not None:

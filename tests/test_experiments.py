@@ -293,6 +293,8 @@ def test_petsc_workers_change_nothing_but_the_wall_time(experiment, tasks):
     assert torch.equal(outcomes[0][1], outcomes[1][1])
     with pytest.raises(ValueError, match="engine petsc only"):
         experiment.objective("surrogate", 243, 1e-6, smooth=0.25, workers=2)
+    with pytest.raises(ValueError, match="unknown engine"):
+        experiment.stats(LogShift(0.05), subset, 1e-6, 243, engine="cuda")
     with pytest.raises(ValueError, match="elasticity shift"):
         Poisson1DJacobi().objective("m", 5, None, workers=2)
 

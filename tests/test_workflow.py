@@ -58,3 +58,20 @@ def test_the_monitor_validates_at_the_cap_a_surrogate_was_trained_for():
     assert monitor_cap(243, TrainOptions(**beam, m=243)) == 243
     assert monitor_cap(243, TrainOptions(**beam, loss="m", m=1)) == 243  # L_1: m is no cap
     assert monitor_cap(10_000, TrainOptions(problem="robertson", m=2000)) == 10_000
+
+
+@pytest.mark.dolfinx
+def test_with_the_petsc_engine_the_monitor_solves_in_petsc():
+    pytest.importorskip("petsc4py")
+    from femeta.evaluation import IterationStats
+    from femeta.solvers.iccg import petsc_iccg
+
+    options = TrainOptions(problem="elasticity", smooth=0.25, engine="petsc", epochs=1,
+                           select="iterations")  # fmt: skip
+    experiment, psi, result = train_metasolver(options, monitor_iterations=True)
+    tasks = experiment.tasks("validation", 0)
+    with torch.no_grad():
+        alpha = psi(tasks["features"])
+    solved = petsc_iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
+    expected = IterationStats.from_result(solved, 1e-6, 243).mean_iterations
+    assert result.history[0].validation_iterations == expected
