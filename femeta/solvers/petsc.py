@@ -254,13 +254,14 @@ class _Solver:
         for position, (key, csr, rhs, alpha) in enumerate(jobs):
             if key not in self._systems:
                 indptr, indices, data = csr
-                matrix = PETSc.Mat().createAIJ((len(indptr) - 1,) * 2, csr=csr, comm=MPI.COMM_SELF)
-                rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+                n = len(indptr) - 1
+                matrix = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
+                rows = np.repeat(np.arange(n), np.diff(indptr))
                 self._systems[key] = ((indptr, indices, data, rows == indices), matrix)
             (indptr, indices, data, on_diagonal), matrix = self._systems[key]
+            n = len(indptr) - 1
             shifted = data.copy()
             shifted[on_diagonal] += alpha * data[on_diagonal]
-            n = len(indptr) - 1
             preconditioning = PETSc.Mat().createAIJ(
                 (n, n), csr=(indptr, indices, shifted), comm=MPI.COMM_SELF
             )
@@ -328,7 +329,11 @@ class _Child:
         return payload
 
     def _died(self) -> RuntimeError:
-        code = self.process.wait(timeout=10)
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # it hung up but did not exit
+            self.process.kill()
+            code = self.process.wait()
         return RuntimeError(
             f"a PETSc worker process (pid {self.process.pid}) exited with code {code}; "
             "its solves are lost. Check its error output above, or pass workers=1"
