@@ -50,6 +50,11 @@ __all__ = [
     "resolve_device",
 ]
 
+# A solve's result and its per-task loss.
+_Solved = tuple[IccgResult, Tensor]
+# Solves ``A x = b`` at each of several shifts: (A, b, alphas, tol, max_iterations).
+_ShiftsSolver = Callable[[Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]]
+
 
 @dataclass
 class Poisson1DJacobi:
@@ -181,7 +186,7 @@ class ElasticityIccg:
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
     # One PETSc engine per worker count, shared by the objective and the monitor.
-    _engines: dict[int, Callable[..., IccgResult]] = field(
+    _engines: dict[int, _ShiftsSolver] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -304,24 +309,28 @@ class ElasticityIccg:
         if engine == "petsc" and not isinstance(metasolver, ShiftGrid):
             alpha = metasolver(tasks["features"])
             solve = self._petsc_solver(workers)
-            result = solve(tasks["A"], tasks["b"], alpha, tol, max_iterations)
+            (result,) = solve(tasks["A"], tasks["b"], [alpha], tol, max_iterations)
         else:
             result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
-    def _petsc_solver(self, workers: int) -> Callable[..., IccgResult]:
+    def _petsc_solver(self, workers: int) -> _ShiftsSolver:
         """The :class:`PetscIccg` of ``workers`` processes, its results on this device."""
         if workers in self._engines:
             return self._engines[workers]
         engine = PetscIccg(workers)
 
         def solve(
-            A: Tensor, b: Tensor, alpha: Tensor, tol: float | None, max_iterations: int
-        ) -> IccgResult:
-            result = engine(
-                A.cpu(), b.cpu(), alpha.detach().cpu(), tol=tol, max_iterations=max_iterations
-            )
-            return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+            A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int
+        ) -> list[IccgResult]:
+            results = engine.many(
+                A.cpu(), b.cpu(), [alpha.detach().cpu() for alpha in alphas], tol=tol,
+                max_iterations=max_iterations,
+            )  # fmt: skip
+            return [
+                IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
+                for result in results
+            ]
 
         self._engines[workers] = solve
         return solve
@@ -375,23 +384,23 @@ class ElasticityIccg:
             )
         if engine == "torch" and workers != 1:
             raise ValueError("--workers applies to --engine petsc only")
-        solver = iccg if engine == "torch" else self._petsc_solver(workers)
+        solver = _torch_shifts if engine == "torch" else self._petsc_solver(workers)
+        stop_tol = None if loss == "m" else tol
 
-        def solve_loss_at(tasks: TaskSet, shift: Tensor) -> tuple[IccgResult, Tensor]:
+        def solve_losses_at(tasks: TaskSet, shifts: list[Tensor]) -> list[_Solved]:
+            results = solver(tasks["A"], tasks["b"], shifts, stop_tol, m)
             if loss == "m":
-                result = solver(tasks["A"], tasks["b"], shift, tol=None, max_iterations=m)
-                return result, error_after_m(result, squared=False)
-            result = solver(tasks["A"], tasks["b"], shift, tol=tol, max_iterations=m)
-            return result, iteration_surrogate(result, tol, gain)
+                return [(result, error_after_m(result, squared=False)) for result in results]
+            return [(result, iteration_surrogate(result, tol, gain)) for result in results]
 
         def value(psi: nn.Module, tasks: TaskSet) -> Tensor:
             alpha = psi(tasks["features"])
             if smooth is not None:
-                at = partial(solve_loss_at, tasks)
+                at = partial(solve_losses_at, tasks)
                 result, solve_loss = _smoothed(at, alpha, smooth)
             else:
                 shift = alpha if clip is None else _ClipLogDerivative.apply(alpha, clip)
-                result, solve_loss = solve_loss_at(tasks, shift)
+                ((result, solve_loss),) = solve_losses_at(tasks, [shift])
             penalty = self.gamma * icf_penalty(alpha)
             return torch.where(result.factorization_failed, penalty, solve_loss)
 
@@ -590,21 +599,28 @@ class _ClipLogDerivative(torch.autograd.Function):
         return (grad * alpha).clamp(-ctx.limit, ctx.limit) / alpha, None
 
 
+def _torch_shifts(
+    A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int
+) -> list[IccgResult]:
+    return [iccg(A, b, alpha, tol=tol, max_iterations=max_iterations) for alpha in alphas]
+
+
 def _smoothed(
-    solve_loss_at: Callable[[Tensor], tuple[IccgResult, Tensor]], alpha: Tensor, step: float
-) -> tuple[IccgResult, Tensor]:
+    solve_losses_at: Callable[[list[Tensor]], list[_Solved]], alpha: Tensor, step: float
+) -> _Solved:
     """The solve loss at ``alpha``, with the central difference in ``log alpha`` as its slope.
 
-    Without a gradient to compute (validation), only the solve at ``alpha`` runs.
+    The three shifts are solved in one round; without a gradient to compute
+    (validation), only the solve at ``alpha`` runs.
     """
     differentiable = alpha.requires_grad and torch.is_grad_enabled()
     with torch.no_grad():
-        result, centre = solve_loss_at(alpha.detach())
         if not differentiable:
-            return result, centre
+            return solve_losses_at([alpha.detach()])[0]
+        ends = [alpha.detach() * math.exp(sign * step) for sign in (1, -1)]
+        (result, centre), *solved_ends = solve_losses_at([alpha.detach(), *ends])
         slope_ends = []
-        for sign in (1, -1):
-            end, end_loss = solve_loss_at(alpha.detach() * math.exp(sign * step))
+        for end, end_loss in solved_ends:
             ok = ~end.factorization_failed
             slope_ends.append((torch.where(ok, end_loss, centre), ok.to(centre.dtype)))
         (upper, upper_ok), (lower, lower_ok) = slope_ends

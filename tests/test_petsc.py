@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 from test_iccg import KERSHAW, random_spd
@@ -27,10 +28,53 @@ def systems(batch: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def fresh(A: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> IccgResult:
-    from femeta.solvers.petsc import PetscIccg
+    """The engine's results from KSPs made here, one per task: nothing kept or shared."""
+    from mpi4py import MPI
+    from petsc4py import PETSc
 
-    with PetscIccg() as engine:
-        return engine(A, b, alpha, tol=1e-10, max_iterations=40)
+    from femeta.solvers.petsc import _assemble
+
+    outcomes = []
+    for dense, rhs, shift in zip(A.numpy(), b.numpy(), alpha.tolist(), strict=True):
+        n = len(rhs)
+        shifted = dense + shift * np.diag(np.diag(dense))
+        matrix, preconditioning = (
+            PETSc.Mat().createAIJ((n, n), csr=_csr(values), comm=MPI.COMM_SELF)
+            for values in (dense, shifted)
+        )
+        ksp = PETSc.KSP().create(MPI.COMM_SELF)
+        ksp.setOperators(matrix, preconditioning)
+        ksp.setType("cg")
+        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        ksp.setTolerances(rtol=1e-10, atol=0.0, max_it=40)
+        ksp.setConvergenceHistory(length=41)
+        pc = ksp.getPC()
+        pc.setType("icc")
+        pc.setFactorLevels(0)
+        pc.setFactorOrdering("natural")
+        pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
+        x, right = matrix.createVecs()
+        right.setArray(rhs)
+        ksp.solve(right, x)
+        outcomes.append(
+            (
+                x.getArray().copy(),
+                ksp.getIterationNumber(),
+                np.array(ksp.getConvergenceHistory()),
+                int(ksp.getConvergedReason()),
+            )
+        )
+        for item in (ksp, x, right, matrix, preconditioning):
+            item.destroy()
+    return _assemble(outcomes, b.numpy(), 1e-10, 40)
+
+
+def _csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from petsc4py import PETSc
+
+    rows, columns = np.nonzero(dense)
+    indptr = np.searchsorted(rows, np.arange(len(dense) + 1))
+    return indptr.astype(PETSc.IntType), columns.astype(PETSc.IntType), dense[rows, columns]
 
 
 def assert_identical(result: IccgResult, expected: IccgResult) -> None:
@@ -57,6 +101,27 @@ def test_workers_and_kept_systems_give_the_same_results():
             engine(A[order], b[order], 2 * alpha[order], tol=1e-10, max_iterations=40),
             fresh(A[order], b[order], 2 * alpha[order]),
         )
+
+
+def test_several_shifts_in_one_round_equal_a_fresh_engine_at_each():
+    """Whichever process solves a task, and although each keeps one KSP per system:
+    task 0's IC(0) fails at the first shift, succeeds at the second, fails again."""
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems(batch=40)
+    shifts = [alpha, torch.full_like(alpha, 0.5), alpha]
+    expected = [fresh(A, b, shift) for shift in shifts]
+    assert [bool(result.factorization_failed[0]) for result in expected] == [True, False, True]
+    with PetscIccg(workers=2) as engine:
+        for _ in range(2):  # new systems, then kept ones
+            results = engine.many(A, b, shifts, tol=1e-10, max_iterations=40)
+            for result, reference in zip(results, expected, strict=True):
+                assert_identical(result, reference)
+        assert_identical(engine(A, b, alpha, tol=1e-10, max_iterations=40), expected[0])
+        with pytest.raises(ValueError, match="alphas is empty"):
+            engine.many(A, b, [], tol=1e-10, max_iterations=40)
+        with pytest.raises(ValueError, match="alpha must be positive"):
+            engine.many(A, b, [alpha, -alpha], tol=1e-10, max_iterations=40)
 
 
 @pytest.mark.parametrize("change", ["value", "new entry"])

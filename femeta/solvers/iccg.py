@@ -161,6 +161,14 @@ def _check_inputs(
     else:
         x0 = x0.detach().to(device=device, dtype=dtype)
         check_finite("x0", x0)
+    alpha = _check_alpha(alpha, batch, device, dtype)
+    return A, b, alpha, x0
+
+
+def _check_alpha(
+    alpha: Tensor | float, batch: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``alpha`` as a tensor of shape ``(batch,)``, checked positive and finite."""
     alpha = torch.as_tensor(alpha).to(device=device, dtype=dtype)
     if alpha.dim() == 0:
         alpha = alpha.expand(batch).clone()
@@ -176,7 +184,7 @@ def _check_inputs(
             f"alpha must be positive and finite, got {float(alpha[bad])!r} for instance {bad}; "
             "the shift is relative to diag(A), so use e.g. 1e-3 to 1"
         )
-    return A, b, alpha, x0
+    return alpha
 
 
 class _AlphaJacobian(torch.autograd.Function):

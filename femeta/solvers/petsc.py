@@ -1,10 +1,11 @@
 """ICCG(alpha) in PETSc (CG + ICC(0), one KSP per task) for systems that recur.
 
-Training solves the same tasks every epoch, only with other shifts. :class:`PetscIccg`
-keeps each system's CSR form and PETSc matrix between calls and finds them again by
-content, and it can spread a batch's solves over worker processes, one KSP per task
-as before. A solve does the same arithmetic wherever it runs, so the results do not
-depend on ``workers``.
+Training solves the same tasks every epoch, only at other shifts. :class:`PetscIccg`
+keeps each system's CSR form, PETSc matrices and KSP between calls and finds them
+again by content; a new shift replaces only the preconditioning matrix's values, so
+PETSc redoes only the numeric factorization. It can spread a call's solves over
+worker processes, which take parts of the queue as they finish. A solve does the
+same arithmetic wherever it runs, so the results do not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import subprocess
 import sys
 import traceback
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta.solvers.base import check_stopping
-from femeta.solvers.iccg import IccgResult, _check_inputs
+from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs
 
 __all__ = ["PetscIccg"]
 
@@ -40,6 +42,7 @@ _WORKER = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
     "from femeta.solvers.petsc import _serve; _serve(int(sys.argv[2]))"
 )
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,13 @@ class _System:
 class PetscIccg:
     """CG + ICC(0) solves in PETSc, the same as :func:`~femeta.solvers.iccg.petsc_iccg`.
 
-    Call it like :func:`~femeta.solvers.iccg.petsc_iccg`. Each task's system is
-    kept (the ``capacity`` most recently used ones) and recognised in later calls
-    by its right-hand side and diagonal, then checked entry by entry, so a changed
-    matrix is never mistaken for a kept one. With ``workers > 1``, that many
-    processes share each call's tasks (this one and ``workers - 1`` others, started
-    on the first call); each keeps the systems it has been sent. :meth:`close`
+    Call it like :func:`~femeta.solvers.iccg.petsc_iccg`, or with several shifts
+    through :meth:`many`. Each task's system is kept (the ``capacity`` most
+    recently used ones) and recognised in later calls by its right-hand side and
+    diagonal, then checked entry by entry, so a changed matrix is never mistaken
+    for a kept one. With ``workers > 1``, that many processes share each call's
+    tasks (this one and ``workers - 1`` others, started on the first call); each
+    keeps the systems it has been sent. :meth:`close`
     stops them; so does leaving a ``with`` block, the end of the program, or an
     error during a call (the engine is closed then).
     """
@@ -123,48 +127,86 @@ class PetscIccg:
         self, A: Tensor, b: Tensor, alpha: Tensor | float, *, tol: float | None,
         max_iterations: int,
     ) -> IccgResult:  # fmt: skip
+        return self.many(A, b, [alpha], tol=tol, max_iterations=max_iterations)[0]
+
+    def many(
+        self, A: Tensor, b: Tensor, alphas: Sequence[Tensor | float], *, tol: float | None,
+        max_iterations: int,
+    ) -> list[IccgResult]:  # fmt: skip
+        """The results of the same systems at each of ``alphas``, solved in one round.
+
+        Each system is looked up once, and the processes share all the solves.
+        """
         if self._closed:
             raise RuntimeError(
                 "this PetscIccg is closed (by close() or by an error in an earlier call); "
                 "create a new one to solve again"
             )
         check_stopping(tol, max_iterations)
-        A, b, alpha, _ = _check_inputs(A, b, alpha, None, torch.device("cpu"), torch.float64)
+        if not alphas:
+            raise ValueError("alphas is empty; give at least one shift")
+        A, b, first, _ = _check_inputs(A, b, alphas[0], None, _CPU, torch.float64)
+        others = [_check_alpha(alpha, len(b), _CPU, torch.float64) for alpha in alphas[1:]]
+        dense, rhs = A.numpy(), b.numpy()
+        shifts = torch.stack([first, *others], dim=1).numpy()
         import_dolfinx()
         from petsc4py import PETSc
 
         self._start()
-        dense, rhs, shifts = A.numpy(), b.numpy(), alpha.numpy()
         forget, self._forget = self._forget, []
         self._local.forget(forget)
+        for child in self._children:
+            child.forget(forget)
         batch = dense.shape[0]
-        parts = [range(start, batch, self.workers) for start in range(self.workers)]
-        try:
-            # The workers' tasks are looked up and sent first, so that they start early.
-            for child, part in zip(self._children, parts[1:], strict=True):
-                child.known.difference_update(forget)
-                jobs = []
-                for task in part:
-                    system = self._find(dense[task], rhs[task], PETSc.IntType)
-                    csr = None if system.key in child.known else system.csr
+        tasks = deque(range(batch))
+        outcomes: dict[int, list[tuple[np.ndarray, int, np.ndarray, int]]] = {}
+
+        def feed(child: _Child) -> None:
+            """Send ``child`` parts of the queue's front until it holds two: smaller parts
+            as the queue runs out, and new systems only while it holds none (a large
+            message to a busy worker would block this process until the worker reads it).
+            """
+            while tasks and len(child.pending) < 2:
+                size = -(-len(tasks) // (4 * self.workers))
+                part, jobs = [], []
+                while tasks and len(part) < size:
+                    system = self._find(dense[tasks[0]], rhs[tasks[0]], PETSc.IntType)
+                    new = system.key not in child.known
+                    if new and child.pending:
+                        break
+                    task = tasks.popleft()
                     child.known.add(system.key)
-                    jobs.append((system.key, csr, rhs[task], shifts[task]))
-                child.send((forget, tol, max_iterations, jobs))
-            jobs = []
-            for task in parts[0]:
-                system = self._find(dense[task], rhs[task], PETSc.IntType)
-                jobs.append((system.key, system.csr, rhs[task], shifts[task]))
+                    part.append(task)
+                    jobs.append((system.key, system.csr if new else None, rhs[task], shifts[task]))
+                if not part:
+                    return
+                child.send(part, (tol, max_iterations, jobs))
+
+        try:
+            # Each worker holds up to two parts, so that it need not wait for the next;
+            # this process solves one task at a time from the other end of the queue.
+            while tasks:
+                for child in self._children:
+                    while child.pending and child.ready():
+                        outcomes.update(child.receive())
+                    feed(child)
+                if tasks:
+                    task = tasks.pop()
+                    system = self._find(dense[task], rhs[task], PETSc.IntType)
+                    job = (system.key, system.csr, rhs[task], shifts[task])
+                    (outcomes[task],) = self._local.solve([job], tol, max_iterations)
+            for child in self._children:
+                while child.pending:
+                    outcomes.update(child.receive())
             while len(self._systems) > self.capacity:
                 self._forget.append(self._systems.popitem(last=False)[1].key)
-            outcomes = dict(
-                zip(parts[0], self._local.solve(jobs, tol, max_iterations), strict=True)
-            )
-            for child, part in zip(self._children, parts[1:], strict=True):
-                outcomes.update(zip(part, child.receive(), strict=True))
         except BaseException:
             self.close()  # a worker may still owe its reply: no later call may read it
             raise
-        return _assemble([outcomes[task] for task in range(batch)], rhs, tol, max_iterations)
+        return [
+            _assemble([outcomes[task][k] for task in range(batch)], rhs, tol, max_iterations)
+            for k in range(len(alphas))
+        ]
 
     def _start(self) -> None:
         while len(self._children) < self.workers - 1:
@@ -226,20 +268,28 @@ def _assemble(
 
 
 class _Solver:
-    """The KSP solves of one process, with the systems it has been given."""
+    """The KSP solves of one process, with a KSP kept for each system it has been given.
+
+    A kept KSP solves at a new shift after its preconditioning matrix's values are
+    replaced in place: PETSc then redoes only the numeric factorization, and the
+    results are those of a KSP made anew.
+    """
 
     def __init__(self) -> None:
-        self._systems: dict[int, tuple[tuple[np.ndarray, ...], Any]] = {}
+        self._systems: dict[int, _Kept] = {}
 
     def forget(self, keys: list[int]) -> None:
         for key in keys:
-            self._systems.pop(key, None)
+            kept = self._systems.pop(key, None)
+            if kept is not None:
+                kept.destroy()
 
     def solve(
-        self, jobs: list[tuple[int, Any, np.ndarray, float]], tol: float | None,
+        self, jobs: list[tuple[int, Any, np.ndarray, np.ndarray]], tol: float | None,
         max_iterations: int,
-    ) -> list[tuple[np.ndarray, int, np.ndarray, int]]:  # fmt: skip
-        """``(x, iterations, residual norms, reason)`` of each ``(key, csr, rhs, alpha)``.
+    ) -> list[list[tuple[np.ndarray, int, np.ndarray, int]]]:  # fmt: skip
+        """``(x, iterations, residual norms, reason)`` at each shift of each
+        ``(key, csr, rhs, alphas)``; ``csr`` may be ``None`` for a system given before.
 
         ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` is the
         preconditioning matrix, with natural ordering, shift type ``NONE``, the
@@ -247,50 +297,61 @@ class _Solver:
         guess. Options are set through the API under a per-KSP prefix; the global
         options database is never touched.
         """
+        outcomes = []
+        for key, csr, rhs, alphas in jobs:
+            if key not in self._systems:
+                self._systems[key] = _Kept(key, csr)
+            kept = self._systems[key]
+            outcomes.append([kept.solve(rhs, alpha, tol, max_iterations) for alpha in alphas])
+        return outcomes
+
+
+class _Kept:
+    """One system's matrix, preconditioning matrix, KSP and vectors."""
+
+    def __init__(self, key: int, csr: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         from mpi4py import MPI
         from petsc4py import PETSc
 
-        outcomes = []
-        for position, (key, csr, rhs, alpha) in enumerate(jobs):
-            if key not in self._systems:
-                indptr, indices, data = csr
-                n = len(indptr) - 1
-                matrix = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
-                rows = np.repeat(np.arange(n), np.diff(indptr))
-                self._systems[key] = ((indptr, indices, data, rows == indices), matrix)
-            (indptr, indices, data, on_diagonal), matrix = self._systems[key]
-            n = len(indptr) - 1
-            shifted = data.copy()
-            shifted[on_diagonal] += alpha * data[on_diagonal]
-            preconditioning = PETSc.Mat().createAIJ(
-                (n, n), csr=(indptr, indices, shifted), comm=MPI.COMM_SELF
-            )
-            ksp = PETSc.KSP().create(MPI.COMM_SELF)
-            ksp.setOptionsPrefix(f"femeta_iccg_{position}_")
-            ksp.setOperators(matrix, preconditioning)
-            ksp.setType(PETSc.KSP.Type.CG)
-            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-            ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
-            ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
-            pc = ksp.getPC()
-            pc.setType(PETSc.PC.Type.ICC)
-            pc.setFactorLevels(0)
-            pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
-            pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
-            solution, right = matrix.createVecs()
-            right.setArray(rhs)
-            ksp.solve(right, solution)
-            outcomes.append(
-                (
-                    solution.getArray().copy(),
-                    ksp.getIterationNumber(),
-                    np.array(ksp.getConvergenceHistory()),
-                    int(ksp.getConvergedReason()),
-                )
-            )
-            for item in (ksp, solution, right, preconditioning):
-                item.destroy()
-        return outcomes
+        indptr, indices, _ = self.csr = csr
+        n = len(indptr) - 1
+        self.on_diagonal = np.repeat(np.arange(n), np.diff(indptr)) == indices
+        self.matrix = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
+        self.preconditioning = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
+        self.ksp = PETSc.KSP().create(MPI.COMM_SELF)
+        self.ksp.setOptionsPrefix(f"femeta_iccg_{key}_")
+        self.ksp.setOperators(self.matrix, self.preconditioning)
+        self.ksp.setType(PETSc.KSP.Type.CG)
+        self.ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        pc = self.ksp.getPC()
+        pc.setType(PETSc.PC.Type.ICC)
+        pc.setFactorLevels(0)
+        pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
+        pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
+        self.solution, self.right = self.matrix.createVecs()
+
+    def solve(
+        self, rhs: np.ndarray, alpha: float, tol: float | None, max_iterations: int
+    ) -> tuple[np.ndarray, int, np.ndarray, int]:
+        indptr, indices, data = self.csr
+        shifted = data.copy()
+        shifted[self.on_diagonal] += alpha * data[self.on_diagonal]
+        self.preconditioning.setValuesCSR(indptr, indices, shifted)
+        self.preconditioning.assemble()
+        self.ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
+        self.ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
+        self.right.setArray(rhs)
+        self.ksp.solve(self.right, self.solution)
+        return (
+            self.solution.getArray().copy(),
+            self.ksp.getIterationNumber(),
+            np.array(self.ksp.getConvergenceHistory()),
+            int(self.ksp.getConvergedReason()),
+        )
+
+    def destroy(self) -> None:
+        for item in (self.ksp, self.solution, self.right, self.preconditioning, self.matrix):
+            item.destroy()
 
 
 class _Child:
@@ -312,21 +373,40 @@ class _Child:
             )
         self.connection = Connection(ours.detach())
         self.known: set[int] = set()
+        # The tasks of each part sent and not yet answered, oldest first.
+        self.pending: deque[list[int]] = deque()
+        self._forget: list[int] = []
 
-    def send(self, message: Any) -> None:
+    def forget(self, keys: list[int]) -> None:
+        """Drop ``keys``; the worker drops them with the next part it is sent."""
+        self.known.difference_update(keys)
+        self._forget.extend(keys)
+
+    def send(self, part: list[int], message: tuple[Any, ...]) -> None:
+        """Send the jobs of the tasks ``part``, with the keys to drop first."""
+        forget, self._forget = self._forget, []
         try:
-            self.connection.send(message)
+            self.connection.send((forget, *message))
         except OSError as err:
             raise self._died() from err
+        self.pending.append(part)
 
-    def receive(self) -> Any:
+    def ready(self) -> bool:
+        """Whether the answer to the oldest part has arrived."""
+        try:
+            return self.connection.poll()
+        except (EOFError, OSError) as err:
+            raise self._died() from err
+
+    def receive(self) -> dict[int, Any]:
+        """The outcomes of the oldest part, by task."""
         try:
             status, payload = self.connection.recv()
         except (EOFError, OSError) as err:
             raise self._died() from err
         if status == "error":
             raise RuntimeError(f"a PETSc worker process failed:\n{payload}")
-        return payload
+        return dict(zip(self.pending.popleft(), payload, strict=True))
 
     def _died(self) -> RuntimeError:
         try:
