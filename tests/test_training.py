@@ -102,6 +102,28 @@ def test_training_steps_take_gradients_and_validation_does_not():
     assert calls == [(True, True), (True, True), (False, False)] * 2
 
 
+def test_each_step_sees_its_own_tasks_although_batches_share_storage():
+    """Every epoch's batches hold each training task once (the last one smaller), and
+    a batch seen by a step keeps its values until the next step reuses the storage."""
+    seen = []
+
+    def recording(model, tasks):
+        if model.training:
+            seen.append((tasks["x"].clone(), tasks["y"].clone()))
+        return squared_error(model, tasks)
+
+    train_tasks = regression_tasks(40, 0)
+    config = TrainConfig(epochs=2, batch_size=16, seed=3)
+    train(linear_model(), recording, train_tasks, regression_tasks(8, 1), config)
+    assert [len(x) for x, _ in seen] == [16, 16, 8] * 2
+    order = torch.Generator().manual_seed(3)
+    for epoch in range(2):
+        expected = train_tasks.subset(torch.randperm(40, generator=order))
+        x = torch.cat([x for x, _ in seen[3 * epoch : 3 * epoch + 3]])
+        y = torch.cat([y for _, y in seen[3 * epoch : 3 * epoch + 3]])
+        assert torch.equal(x, expected["x"]) and torch.equal(y, expected["y"])
+
+
 def test_same_seed_gives_the_same_weights():
     config = TrainConfig(epochs=3, batch_size=16, seed=4)
     first, second = linear_model(), linear_model()
