@@ -51,9 +51,10 @@ def main() -> None:
         alpha = model(tasks["features"])
         rows = {"model": solve(model, tasks), "Psi_base": solve(base, tasks)}
         (model_stats, failed), (base_stats, _) = rows["model"], rows["Psi_base"]
-        retried, _ = solve(base, tasks.subset(torch.from_numpy(failed.nonzero()[0])))
-    counts, converged = model_stats.iterations.copy(), model_stats.converged.copy()
-    counts[failed], converged[failed] = retried.iterations, retried.converged
+        counts, converged = model_stats.iterations.copy(), model_stats.converged.copy()
+        if failed.any():  # a model without failures has nothing to solve again
+            retried, _ = solve(base, tasks.subset(torch.from_numpy(failed.nonzero()[0])))
+            counts[failed], converged[failed] = retried.iterations, retried.converged
     print(f"{args.run_dir}: {len(tasks)} test beams, tol {tol:g}, cap {cap}")
     print(f"Psi_base alpha {float(base(tasks['features'][:1])):.4g}")
     for name, (stats, name_failed) in rows.items():
