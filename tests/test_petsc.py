@@ -120,6 +120,8 @@ def test_several_shifts_in_one_round_equal_a_fresh_engine_at_each():
         assert_identical(engine(A, b, alpha, tol=1e-10, max_iterations=40), expected[0])
         with pytest.raises(ValueError, match="alphas is empty"):
             engine.many(A, b, [], tol=1e-10, max_iterations=40)
+        with pytest.raises(TypeError, match="alphas must be a list of shifts"):
+            engine.many(A, b, alpha, tol=1e-10, max_iterations=40)
         with pytest.raises(ValueError, match="alpha must be positive"):
             engine.many(A, b, [alpha, -alpha], tol=1e-10, max_iterations=40)
 

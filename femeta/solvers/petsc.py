@@ -143,7 +143,12 @@ class PetscIccg:
                 "create a new one to solve again"
             )
         check_stopping(tol, max_iterations)
-        if not alphas:
+        if isinstance(alphas, Tensor | float | int):
+            raise TypeError(
+                "alphas must be a list of shifts, each a scalar or a tensor of shape (batch,); "
+                "for one shift, call the engine itself"
+            )
+        if len(alphas) == 0:
             raise ValueError("alphas is empty; give at least one shift")
         A, b, first, _ = _check_inputs(A, b, alphas[0], None, _CPU, torch.float64)
         others = [_check_alpha(alpha, len(b), _CPU, torch.float64) for alpha in alphas[1:]]
