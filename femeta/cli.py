@@ -194,6 +194,13 @@ def train_command(
             "(not in the paper). [default: the exact derivative]"
         ),
     ] = None,
+    gamma: Annotated[
+        float | None,
+        typer.Option(
+            help="elasticity only: weight of the ICF penalty gamma * (-log alpha) that a "
+            "failed IC(0) costs in training (§4.2). [default: 500, the paper's]"
+        ),
+    ] = None,
     engine: Annotated[
         str | None,
         typer.Option(
@@ -238,7 +245,7 @@ def train_command(
             "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
-            "select": select, "engine": engine, "workers": workers,
+            "select": select, "engine": engine, "workers": workers, "gamma": gamma,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

@@ -151,9 +151,10 @@ class Poisson1DJacobi:
         smooth: float | None = None,
         engine: str = "torch",
         workers: int = 1,
+        gamma: float | None = None,
     ) -> Objective:
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth, engine, workers)
+        _elasticity_only(clip, smooth, engine, workers, gamma)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m))
         if loss == "surrogate":
@@ -345,8 +346,11 @@ class ElasticityIccg:
         smooth: float | None = None,
         engine: str = "torch",
         workers: int = 1,
+        gamma: float | None = None,
     ) -> Objective:
         """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
+
+        ``gamma`` weighs the ICF penalty (``None``: the paper's :attr:`gamma`, 500).
 
         Neither option is the paper's; both change only the derivative of the solve
         loss in ``log alpha``, never its value or the penalty's derivative. The exact
@@ -384,6 +388,7 @@ class ElasticityIccg:
             )
         if engine == "torch" and workers != 1:
             raise ValueError("--workers applies to --engine petsc only")
+        gamma = self.gamma if gamma is None else _check_gamma(gamma)
         solver = _torch_shifts if engine == "torch" else self._petsc_solver(workers)
         stop_tol = None if loss == "m" else tol
 
@@ -401,7 +406,7 @@ class ElasticityIccg:
             else:
                 shift = alpha if clip is None else _ClipLogDerivative.apply(alpha, clip)
                 ((result, solve_loss),) = solve_losses_at(tasks, [shift])
-            penalty = self.gamma * icf_penalty(alpha)
+            penalty = gamma * icf_penalty(alpha)
             return torch.where(result.factorization_failed, penalty, solve_loss)
 
         return value
@@ -572,9 +577,10 @@ class RobertsonNewtonSor:
         smooth: float | None = None,
         engine: str = "torch",
         workers: int = 1,
+        gamma: float | None = None,
     ) -> Objective:
         """L_m (``||g||`` after ``m`` iterations) or the surrogate with Phi_{tol,m}."""
-        _elasticity_only(clip, smooth, engine, workers)
+        _elasticity_only(clip, smooth, engine, workers, gamma)
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared=False)
         if loss == "surrogate":
@@ -630,8 +636,20 @@ def _smoothed(
     return result, centre + slope * (log_alpha - log_alpha.detach())
 
 
-def _elasticity_only(clip: float | None, smooth: float | None, engine: str, workers: int) -> None:
-    for name, option in (("clip", clip), ("smooth", smooth)):
+def _check_gamma(gamma: float) -> float:
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, int | float)
+        or not (gamma > 0 and math.isfinite(gamma))
+    ):
+        raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+    return float(gamma)
+
+
+def _elasticity_only(
+    clip: float | None, smooth: float | None, engine: str, workers: int, gamma: float | None
+) -> None:
+    for name, option in (("clip", clip), ("smooth", smooth), ("gamma", gamma)):
         if option is not None:
             raise ValueError(f"--{name} applies to the elasticity shift only")
     if engine != "torch":

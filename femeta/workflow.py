@@ -41,7 +41,8 @@ class TrainOptions:
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
-    the paper's exact derivative) of ``elasticity`` only; ``head``, ``sets`` and
+    the paper's exact derivative) and ``gamma`` (the weight of the ICF penalty;
+    ``None``: the paper's 500) of ``elasticity`` only; ``head``, ``sets`` and
     ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
@@ -69,6 +70,7 @@ class TrainOptions:
     select: str = "loss"
     engine: str = "torch"
     workers: int = 1
+    gamma: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
@@ -77,7 +79,7 @@ class TrainOptions:
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("tol", "p", "gain", "lr", "clip", "smooth"):
+        for name in ("tol", "p", "gain", "lr", "clip", "smooth", "gamma"):
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -105,12 +107,14 @@ class TrainOptions:
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
-        for name in ("clip", "smooth"):
+        for name in ("clip", "smooth", "gamma"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        if self.smooth is not None and not math.isfinite(self.smooth):
-            raise ValueError(f"smooth must be positive and finite, got {self.smooth!r}")
+        for name in ("smooth", "gamma"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be positive and finite, got {value!r}")
         if self.clip is not None and self.smooth is not None:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 
@@ -218,6 +222,8 @@ def _train(
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
+        # The penalty weight in force (elasticity's default when not given; None elsewhere).
+        gamma=getattr(experiment, "gamma", None) if options.gamma is None else options.gamma,
     )
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
@@ -231,6 +237,7 @@ def _train(
         options.smooth,
         options.engine,
         options.workers,
+        options.gamma,
     )
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)

@@ -67,6 +67,14 @@ API_CASES = {
         lambda: TrainOptions(smooth=NAN),
         "smooth must be positive",
     ),
+    "TrainOptions: NaN ICF penalty weight": (
+        lambda: TrainOptions(problem="elasticity", gamma=NAN),
+        "gamma must be positive",
+    ),
+    "ElasticityIccg: zero ICF penalty weight": (
+        lambda: get_experiment("elasticity").objective("surrogate", 243, 1e-6, gamma=0.0),
+        "gamma must be a positive finite number",
+    ),
     "TrainOptions: clip and smooth": (
         lambda: TrainOptions(problem="elasticity", clip=10.0, smooth=0.25),
         "clip or smooth, not both",
@@ -142,6 +150,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("train", "elasticity", "--engine", "petsc", "--out", tmp_path / "y"): "needs --smooth",
         ("train", "elasticity", "--engine", "gpu", "--out", tmp_path / "y"): "engine must be",
         ("train", "elasticity", "--workers", "2", "--out", tmp_path / "y"): "engine petsc only",
+        ("train", "elasticity", "--gamma", "0", "--out", tmp_path / "y"): "gamma must be",
+        ("train", "elasticity", "--gamma", "inf", "--out", tmp_path / "y"): "gamma must be",
+        ("train", "poisson1d", "--gamma", "100", "--out", tmp_path / "y"): "elasticity shift only",
         (
             "train",
             "elasticity",

@@ -54,8 +54,10 @@ def tasks(experiment):
     return ElasticBeam(cache=False).sample(16, seed=11)
 
 
-def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks):
-    objective = experiment.objective("surrogate", 243, 1e-6)
+@pytest.mark.parametrize("gamma", [None, 2000.0])
+def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks, gamma):
+    objective = experiment.objective("surrogate", 243, 1e-6, gamma=gamma)
+    weight = 500.0 if gamma is None else gamma  # None: the paper's gamma
     psi = LogShift(1e-4)  # below the failure threshold of the slender beams only
     loss = objective(psi, tasks)
     # The same shift (exp(log 1e-4) is not 1e-4 to the last bit) and the same path: with
@@ -64,12 +66,12 @@ def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks):
     result = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
     failed = result.factorization_failed
     assert 0 < int(failed.sum()) < 16
-    penalty = torch.full((16,), 500 * math.log(1e4), dtype=torch.float64)
+    penalty = torch.full((16,), weight * math.log(1e4), dtype=torch.float64)
     expected = torch.where(failed, penalty, iteration_surrogate(result, 1e-6))
     torch.testing.assert_close(loss.detach(), expected.detach())
     loss[failed].sum().backward()
-    # d(-500 log alpha) / d(log alpha) = -500 per failed task: the penalty pushes alpha up.
-    expected_grad = torch.tensor(-500.0 * int(failed.sum()), dtype=torch.float64)
+    # d(-gamma log alpha) / d(log alpha) = -gamma per failed task: the penalty pushes alpha up.
+    expected_grad = torch.tensor(-weight * int(failed.sum()), dtype=torch.float64)
     torch.testing.assert_close(psi.log_alpha.grad, expected_grad)
 
 

@@ -1,6 +1,10 @@
+import inspect
+import json
+
 import pytest
 import torch
 
+from femeta.experiments import ElasticityIccg
 from femeta.workflow import (
     TrainOptions,
     evaluate_metasolver,
@@ -75,3 +79,23 @@ def test_with_the_petsc_engine_the_monitor_solves_in_petsc():
     solved = petsc_iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
     expected = IterationStats.from_result(solved, 1e-6, 243).mean_iterations
     assert result.history[0].validation_iterations == expected
+
+
+@pytest.mark.dolfinx
+@pytest.mark.parametrize(("gamma", "in_force"), [(None, 500.0), (2000.0, 2000.0)])
+def test_the_icf_penalty_weight_reaches_the_objective_and_the_saved_run(
+    tmp_path, monkeypatch, gamma, in_force
+):
+    real = ElasticityIccg.objective
+    seen = []
+
+    def spy(self, *args, **kwargs):
+        seen.append(inspect.signature(real).bind(self, *args, **kwargs).arguments.get("gamma"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ElasticityIccg, "objective", spy)
+    options = TrainOptions(problem="elasticity", loss="m", m=1, epochs=1, gamma=gamma)
+    train_metasolver(options, tmp_path / "run")
+    assert seen == [in_force]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert saved["gamma"] == in_force
