@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from femeta.evaluation import IterationStats
@@ -24,10 +25,13 @@ from femeta.experiments import get_experiment
 from femeta.solvers.iccg import iccg
 
 
-def counts(A: torch.Tensor, b: torch.Tensor, alpha, tol: float, cap: int) -> torch.Tensor:
+def counts(A: torch.Tensor, b: torch.Tensor, alpha, tol: float, cap: int) -> IterationStats:
     """Iterations per task; a failed IC(0) or an unconverged solve counts as ``cap``."""
-    result = iccg(A, b, alpha, tol=tol, max_iterations=cap)
-    return torch.from_numpy(IterationStats.from_result(result, tol, cap).iterations)
+    return IterationStats.from_result(iccg(A, b, alpha, tol=tol, max_iterations=cap), tol, cap)
+
+
+def _summary(stats: IterationStats) -> str:
+    return f"mean {stats.mean_iterations:.2f}, convergence {stats.convergence_ratio:.3f}"
 
 
 def main() -> None:
@@ -43,27 +47,28 @@ def main() -> None:
     tasks = experiment.tasks("test", 0)
     A, b = tasks["A"], tasks["b"]
     grid = experiment.alpha_grid
-    table = torch.stack([counts(A, b, alpha, args.tol, args.cap) for alpha in grid.tolist()])
+    runs = [counts(A, b, alpha, args.tol, args.cap) for alpha in grid.tolist()]
+    table = torch.stack([torch.from_numpy(run.iterations) for run in runs])
     best = table.min(dim=0)
     chosen = grid[best.indices]  # the first minimum: ties go to the smaller shift
+    converged = np.stack([run.converged for run in runs]).any(axis=0)
+    best_stats = IterationStats(best.values.numpy(), converged, args.tol, args.cap)
     again = counts(args.scale * A, b, chosen, args.tol, args.cap)
     same = counts(A, b, chosen, args.tol, args.cap)
     print(f"{len(tasks)} test beams, tol {args.tol:g}, cap {args.cap}, "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
-    print(
-        f"Psi_best (min over {len(grid)} shifts):            mean {best.values.double().mean():.2f}"
-    )
-    print(f"its shifts, the same beams solved again:      mean {same.double().mean():.2f}")
-    print(f"its shifts, the beams with A scaled by {args.scale:g}:    "
-          f"mean {again.double().mean():.2f}")  # fmt: skip
+    print(f"Psi_best (min over {len(grid)} shifts):            {_summary(best_stats)}")
+    print(f"its shifts, the same beams solved again:      {_summary(same)}")
+    print(f"its shifts, the beams with A scaled by {args.scale:g}:    {_summary(again)}")
     shift = experiment.base_shift(experiment.tasks("train", 0))
-    base = counts(A, b, shift, args.tol, args.cap).double().mean()
-    base_again = counts(args.scale * A, b, shift, args.tol, args.cap).double().mean()
-    print(f"Psi_base (alpha {shift:.3g}), the beams / the scaled copy: "
-          f"mean {base:.2f} / {base_again:.2f}")  # fmt: skip
-    moved = (again != best.values) & (best.values < args.cap)
+    base = counts(A, b, shift, args.tol, args.cap)
+    base_again = counts(args.scale * A, b, shift, args.tol, args.cap)
+    print(f"Psi_base (alpha {shift:.3g}), the beams:       {_summary(base)}")
+    print(f"Psi_base, the scaled copy:                    {_summary(base_again)}")
+    moved = (again.iterations != best_stats.iterations) & (best_stats.iterations < args.cap)
+    change = (again.iterations - best_stats.iterations).mean()
     print(f"tasks whose count moved on the copy: {int(moved.sum())} of {len(tasks)}; "
-          f"mean change {(again - best.values).double().mean():+.2f}")  # fmt: skip
+          f"mean change {change:+.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
