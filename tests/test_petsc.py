@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import fields
 
 import numpy as np
@@ -154,6 +155,31 @@ def test_capacity_bounds_the_kept_systems():
             result = engine(matrices, rhs, alpha, tol=1e-10, max_iterations=40)
             assert engine.cached == 3
             assert_identical(result, fresh(matrices, rhs, alpha))
+
+
+def test_repeated_large_calls_finish():
+    """A second call of many kept systems: each part a worker is sent while it still
+    answers another, and each answer, is larger than a socket's buffer unless the
+    parts are bounded; both processes then wait on a full socket for ever."""
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b = random_spd(8, sides=(8, 8, 4))  # 256 unknowns
+    A, b = A.repeat(125, 1, 1), b.repeat(125, 1) * torch.arange(1.0, 1001.0).unsqueeze(1)
+    alpha = torch.full((len(b),), 0.1, dtype=torch.float64)
+    engine = PetscIccg(workers=2)
+    results: list[IccgResult] = []
+    caller = threading.Thread(
+        target=lambda: results.extend(
+            engine(A, b, alpha, tol=1e-10, max_iterations=40) for _ in range(2)
+        ),
+        daemon=True,
+    )
+    caller.start()
+    caller.join(timeout=60)
+    engine.close()  # a hung call fails once its worker is gone
+    assert len(results) == 2, "the calls did not finish within 60 s"
+    assert_identical(results[1], results[0])
+    assert bool(results[0].converged.all())
 
 
 def test_bad_use_gets_a_clear_error():

@@ -43,6 +43,8 @@ _WORKER = (
     "from femeta.solvers.petsc import _serve; _serve(int(sys.argv[2]))"
 )
 _CPU = torch.device("cpu")
+# A generous bound on what a job adds to a part's message beside its arrays.
+_JOB_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -168,16 +170,18 @@ class PetscIccg:
 
         def feed(child: _Child) -> None:
             """Send ``child`` parts of the queue's front until it holds two: smaller parts
-            as the queue runs out, and new systems only while it holds none (a large
-            message to a busy worker would block this process until the worker reads it).
+            as the queue runs out. While it holds one, the part must fit in the socket's
+            buffer, so no new systems: a busy worker may be blocked writing its answer,
+            and this process, blocked writing to it, would never read that answer.
             """
             while tasks and len(child.pending) < 2:
                 size = -(-len(tasks) // (4 * self.workers))
-                part, jobs = [], []
+                part, jobs, load = [], [], 8 * len(child.dropped)
                 while tasks and len(part) < size:
                     system = self._find(dense[tasks[0]], rhs[tasks[0]], PETSc.IntType)
                     new = system.key not in child.known
-                    if new and child.pending:
+                    load += _JOB_BYTES + rhs[tasks[0]].nbytes + shifts[tasks[0]].nbytes
+                    if child.pending and (new or load > child.room):
                         break
                     task = tasks.popleft()
                     child.known.add(system.key)
@@ -364,6 +368,8 @@ class _Child:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
+        # A part sent while the worker is busy stays under a quarter of the buffer.
+        self.room = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4
         environment = {
             name: value
             for name, value in os.environ.items()
@@ -380,16 +386,17 @@ class _Child:
         self.known: set[int] = set()
         # The tasks of each part sent and not yet answered, oldest first.
         self.pending: deque[list[int]] = deque()
-        self._forget: list[int] = []
+        # Keys dropped here and not yet sent to the worker.
+        self.dropped: list[int] = []
 
     def forget(self, keys: list[int]) -> None:
         """Drop ``keys``; the worker drops them with the next part it is sent."""
         self.known.difference_update(keys)
-        self._forget.extend(keys)
+        self.dropped.extend(keys)
 
     def send(self, part: list[int], message: tuple[Any, ...]) -> None:
         """Send the jobs of the tasks ``part``, with the keys to drop first."""
-        forget, self._forget = self._forget, []
+        forget, self.dropped = self.dropped, []
         try:
             self.connection.send((forget, *message))
         except OSError as err:
