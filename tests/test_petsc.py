@@ -158,9 +158,9 @@ def test_capacity_bounds_the_kept_systems():
 
 
 def test_repeated_large_calls_finish():
-    """A second call of many kept systems: each part a worker is sent while it still
-    answers another, and each answer, is larger than a socket's buffer unless the
-    parts are bounded; both processes then wait on a full socket for ever."""
+    """Two calls of 1000 systems on two processes. In the second every system is kept,
+    so parts go to a worker while it still answers another: unbounded, a part and an
+    answer each outgrow a socket's buffer and the two processes wait on each other."""
     from femeta.solvers.petsc import PetscIccg
 
     A, b = random_spd(8, sides=(8, 8, 4))  # 256 unknowns

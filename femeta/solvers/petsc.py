@@ -170,9 +170,9 @@ class PetscIccg:
 
         def feed(child: _Child) -> None:
             """Send ``child`` parts of the queue's front until it holds two: smaller parts
-            as the queue runs out. While it holds one, the part must fit in the socket's
-            buffer, so no new systems: a busy worker may be blocked writing its answer,
-            and this process, blocked writing to it, would never read that answer.
+            as the queue runs out. While it holds one, a part stays within ``child.room``
+            (so it has no new systems): the busy worker may be blocked writing its
+            answer, and this process, blocked writing to it, would never read that answer.
             """
             while tasks and len(child.pending) < 2:
                 size = -(-len(tasks) // (4 * self.workers))
