@@ -157,6 +157,15 @@ def train_command(
             "1/4 train, 1/4 validation, 1/2 test. [default: 10000]"
         ),
     ] = None,
+    ic_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help="elasticity only: the sparsity pattern IC(0) keeps: 'values', the nonzeros "
+            "of each A; 'stored', the entries DOLFINx's matrix stores, as PETSc's ICC keeps "
+            "them in a FEniCS script (not in the paper; the shift at which IC(0) fails then "
+            "does not depend on rounding). [default: values]"
+        ),
+    ] = None,
     epochs: Annotated[
         int | None,
         typer.Option(help="Training epochs. [default: poisson1d 2500, others 200]"),
@@ -246,6 +255,7 @@ def train_command(
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
             "select": select, "engine": engine, "workers": workers, "gamma": gamma,
+            "ic_pattern": ic_pattern,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:
@@ -341,6 +351,13 @@ def evaluate_command(
             help="robertson only: parameter sets, as in train. [default: the model's, else 10000]"
         ),
     ] = None,
+    ic_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help="elasticity only: IC(0)'s sparsity pattern, 'values' or 'stored', as in train. "
+            "[default: the model's, else values]"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
     max_iterations: Annotated[
         int | None, typer.Option(help="Iteration cap; unconverged tasks count as the cap.")
@@ -361,7 +378,8 @@ def evaluate_command(
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
-    overrides = {name: value for name, value in {"p": p, "sets": sets}.items() if value is not None}
+    given = {"p": p, "sets": sets, "ic_pattern": ic_pattern}
+    overrides = {name: value for name, value in given.items() if value is not None}
     if model is not None:
         experiment, metasolver = load_metasolver(model, problem, device=device, **overrides)
     else:

@@ -54,6 +54,8 @@ __all__ = [
 _Solved = tuple[IccgResult, Tensor]
 # Solves ``A x = b`` at each of several shifts: (A, b, alphas, tol, max_iterations).
 _ShiftsSolver = Callable[[Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]]
+#: The sparsity patterns that the beams' IC(0) can keep (:class:`ElasticityIccg`).
+IC_PATTERNS = ("values", "stored")
 
 
 @dataclass
@@ -171,6 +173,11 @@ class ElasticityIccg:
     The error measure is the relative residual. A task whose IC(0) fails counts
     as the cap and is not iterated; in training it costs ``gamma * (-log alpha)``
     instead of the solve loss (``1_success L + gamma 1_fail L_ICF``).
+
+    ``ic_pattern="stored"`` makes IC(0) keep the entries DOLFINx's matrix stores, as
+    PETSc's ICC does in a FEniCS script. With ``"values"`` it keeps each ``A``'s
+    nonzeros, and which of those entries cancelled exactly and which to rounding noise
+    then moves the shift at which IC(0) fails, on slender beams by up to 1.4 decades.
     """
 
     name: ClassVar[str] = "elasticity"
@@ -184,8 +191,12 @@ class ElasticityIccg:
     alpha_grid: ClassVar[Tensor] = torch.logspace(-5, 1, 31, dtype=torch.float64)
 
     cells: tuple[int, int, int] = (8, 2, 2)
+    #: What IC(0) keeps: ``"values"``, the nonzeros of each task's ``A`` (as measured
+    #: up to session 12); ``"stored"``, the entries DOLFINx's matrix stores.
+    ic_pattern: str = "values"
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
+    _pattern: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     # One PETSc engine per worker count, shared by the objective and the monitor.
     _engines: dict[int, _ShiftsSolver] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -194,7 +205,18 @@ class ElasticityIccg:
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.cells = tuple(self.cells)
+        if self.ic_pattern not in IC_PATTERNS:
+            raise ValueError(
+                f"unknown ic_pattern {self.ic_pattern!r}; expected one of {list(IC_PATTERNS)}"
+            )
         self.problem = ElasticBeam(self.cells)
+
+    @property
+    def pattern(self) -> Tensor | None:
+        """IC(0)'s sparsity pattern for :func:`iccg` (``None``: each ``A``'s nonzeros)."""
+        if self.ic_pattern == "stored" and self._pattern is None:
+            self._pattern = self.problem.stored_pattern().to(self.device)
+        return self._pattern
 
     @property
     def evaluation_cap(self) -> int:
@@ -206,7 +228,7 @@ class ElasticityIccg:
         return self.problem.n
 
     def params(self) -> dict[str, Any]:
-        return {"cells": list(self.cells)}
+        return {"cells": list(self.cells), "ic_pattern": self.ic_pattern}
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         return self.problem.split(split, seed).to(self.device)
@@ -250,7 +272,9 @@ class ElasticityIccg:
         """
         chosen = None
         for alpha in self.alpha_grid.flip(0).tolist():
-            result = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=0)
+            result = iccg(
+                tasks["A"], tasks["b"], alpha, tol=None, max_iterations=0, pattern=self.pattern
+            )
             if bool(result.factorization_failed.any()):
                 break
             chosen = alpha
@@ -265,7 +289,10 @@ class ElasticityIccg:
         if isinstance(metasolver, ShiftGrid):
             return self._best(metasolver.grid, tasks, tol, max_iterations)
         alpha = metasolver(tasks["features"])
-        return iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=max_iterations)
+        return iccg(
+            tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=max_iterations,
+            pattern=self.pattern,
+        )  # fmt: skip
 
     def _best(self, grid: Tensor, tasks: TaskSet, tol: float | None, cap: int) -> IccgResult:
         """Psi_best: per task, the grid shift's solve with the fewest iterations.
@@ -278,7 +305,9 @@ class ElasticityIccg:
         best: list[Tensor] = []
         best_counts = torch.empty(0)
         for alpha in grid.tolist():
-            result = iccg(tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=cap)
+            result = iccg(
+                tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=cap, pattern=self.pattern
+            )
             counts = torch.where(result.converged, result.iterations, cap + 1)
             parts = [getattr(result, f.name) for f in fields(result)]
             parts[2] = nn.functional.pad(parts[2], (0, cap + 1 - parts[2].shape[1]))  # history
@@ -324,9 +353,10 @@ class ElasticityIccg:
         def solve(
             A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int
         ) -> list[IccgResult]:
+            pattern = None if self.pattern is None else self.pattern.cpu()
             results = engine.many(
                 A.cpu(), b.cpu(), [alpha.detach().cpu() for alpha in alphas], tol=tol,
-                max_iterations=max_iterations,
+                max_iterations=max_iterations, pattern=pattern,
             )  # fmt: skip
             return [
                 IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
@@ -389,7 +419,10 @@ class ElasticityIccg:
         if engine == "torch" and workers != 1:
             raise ValueError("--workers applies to --engine petsc only")
         gamma = self.gamma if gamma is None else _check_gamma(gamma)
-        solver = _torch_shifts if engine == "torch" else self._petsc_solver(workers)
+        if engine == "torch":
+            solver = partial(_torch_shifts, pattern=self.pattern)
+        else:
+            solver = self._petsc_solver(workers)
         stop_tol = None if loss == "m" else tol
 
         def solve_losses_at(tasks: TaskSet, shifts: list[Tensor]) -> list[_Solved]:
@@ -606,9 +639,13 @@ class _ClipLogDerivative(torch.autograd.Function):
 
 
 def _torch_shifts(
-    A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int
-) -> list[IccgResult]:
-    return [iccg(A, b, alpha, tol=tol, max_iterations=max_iterations) for alpha in alphas]
+    A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int,
+    pattern: Tensor | None,
+) -> list[IccgResult]:  # fmt: skip
+    return [
+        iccg(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
+        for alpha in alphas
+    ]
 
 
 def _smoothed(

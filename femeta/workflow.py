@@ -42,7 +42,8 @@ class TrainOptions:
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
     the paper's exact derivative) and ``gamma`` (the weight of the ICF penalty;
-    ``None``: the paper's 500) of ``elasticity`` only; ``head``, ``sets`` and
+    ``None``: the paper's 500) and ``ic_pattern`` (``None``: ``"values"``) of
+    ``elasticity`` only; ``head``, ``sets`` and
     ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
@@ -71,6 +72,7 @@ class TrainOptions:
     engine: str = "torch"
     workers: int = 1
     gamma: float | None = None
+    ic_pattern: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
@@ -83,7 +85,7 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("head", "guess_init"):
+        for name in ("head", "guess_init", "ic_pattern"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
@@ -134,7 +136,7 @@ def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
     given = {"p": options.p, "head": options.head, "sets": options.sets,
-             "guess_init": options.guess_init}  # fmt: skip
+             "guess_init": options.guess_init, "ic_pattern": options.ic_pattern}  # fmt: skip
     params = {name: value for name, value in given.items() if value is not None}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
@@ -219,6 +221,7 @@ def _train(
         head=experiment.params().get("head"),
         guess_init=experiment.params().get("guess_init"),
         sets=experiment.params().get("sets"),
+        ic_pattern=experiment.params().get("ic_pattern"),
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
@@ -303,24 +306,32 @@ def load_metasolver(
     p: float | None = None,
     device: str | torch.device = "cpu",
     sets: int | None = None,
+    ic_pattern: str | None = None,
 ) -> tuple[Any, nn.Module]:
     """Load a trained meta-solver onto ``device``.
 
-    ``p`` (poisson1d) and ``sets`` (robertson) override the model's task distribution.
+    ``p`` (poisson1d) and ``sets`` (robertson) override the model's task distribution,
+    ``ic_pattern`` (elasticity) the sparsity pattern of its IC(0).
     """
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
-    overrides = {name: value for name, value in (("p", p), ("sets", sets)) if value is not None}
-    for name, owner in (("p", "poisson1d"), ("sets", "robertson")):
+    if problem == "elasticity":
+        params.setdefault("ic_pattern", "values")  # runs saved before the option
+    given = (("p", p), ("sets", sets), ("ic_pattern", ic_pattern))
+    overrides = {name: value for name, value in given if value is not None}
+    for name, owner in (("p", "poisson1d"), ("sets", "robertson"), ("ic_pattern", "elasticity")):
         if name in overrides and name not in params:
-            raise RunError(f"--{name} applies to {owner} only; {run_dir} is a {problem!r} model")
+            flag = name.replace("_", "-")
+            raise RunError(f"--{flag} applies to {owner} only; {run_dir} is a {problem!r} model")
     try:
         experiment = get_experiment(problem, **params | overrides, device=device)
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
     except (TypeError, ValueError) as err:
         if overrides:
-            given = ", ".join(f"--{name} {value}" for name, value in overrides.items())
+            given = ", ".join(
+                f"--{name.replace('_', '-')} {value}" for name, value in overrides.items()
+            )
             raise RunError(f"cannot evaluate {run_dir} with {given}: {err}") from err
         raise RunError(f"{run_dir}/config.json does not describe a usable model ({err})") from err
     restore(metasolver, state, Path(run_dir))

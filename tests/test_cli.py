@@ -179,7 +179,7 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
-    assert config["problem_params"] == {"cells": [8, 2, 2]}
+    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "values"}
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
@@ -207,6 +207,30 @@ def test_elasticity_option_errors(beam_model, trained, invoke):
         ("evaluate", "poisson1d", "--baseline", "best"): "must be one of ['base']",
         ("evaluate", "elasticity", "--baseline", "worst"): "must be one of ['base', 'best']",
         ("train", "elasticity", "--p", "0.1", "--out", beam_model.parent / "p"): "no option p",
+        (
+            "train",
+            "elasticity",
+            "--ic-pattern",
+            "full",
+            "--out",
+            beam_model.parent / "q",
+        ): "unknown ic_pattern 'full'",
+        (
+            "evaluate",
+            "poisson1d",
+            "--model",
+            trained,
+            "--ic-pattern",
+            "stored",
+        ): "--ic-pattern applies to elasticity only",
+        (
+            "evaluate",
+            "elasticity",
+            "--baseline",
+            "base",
+            "--ic-pattern",
+            "all",
+        ): "unknown ic_pattern 'all'",
     }
     for args, message in cases.items():
         result = invoke(*args)

@@ -131,6 +131,38 @@ def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
         assert bool((iterations == iterations[0]).all()) and int(iterations[0]) < 243
 
 
+def failing_shift(A: torch.Tensor, pattern: torch.Tensor | None) -> list[float]:
+    """Per beam, the shift below which IC(0) fails, bisected in log alpha to 1e-7."""
+    low = torch.full((A.shape[0],), math.log(1e-8), dtype=torch.float64)
+    high = torch.zeros(A.shape[0], dtype=torch.float64)
+    b = torch.ones(A.shape[:2], dtype=torch.float64)
+    while float((high - low).max()) > 1e-7:
+        middle = (low + high) / 2
+        failed = iccg(A, b, middle.exp(), tol=None, max_iterations=0, pattern=pattern)
+        low = torch.where(failed.factorization_failed, middle, low)
+        high = torch.where(failed.factorization_failed, high, middle)
+    return high.exp().tolist()
+
+
+def test_stored_pattern_is_shared_and_holds_every_nonzero(beam, tasks):
+    pattern = beam.stored_pattern()
+    assert pattern.shape == (beam.n, beam.n) and torch.equal(pattern, pattern.T)
+    assert bool(((tasks["A"] != 0) <= pattern).all())
+    # Some stored entries cancel, to zero or to rounding noise, and differently per task.
+    assert bool(((tasks["A"] == 0) & pattern).any(dim=(1, 2)).all())
+
+
+def test_the_failing_shift_on_the_stored_pattern_does_not_depend_on_rounding(beam):
+    # lambda and mu divided by 10: the same beam. On A's nonzeros IC(0) fails below
+    # 2.4e-4 for one and below 5.7e-3 for the other (measured): entries that cancel in the
+    # assembly came out as exact zeros in one matrix and as rounding noise in the other.
+    params = torch.tensor([[0.004, 0.6, 1.0, 1.0], [0.004, 0.06, 0.1, 1.0]], dtype=torch.float64)
+    A, _ = beam.assemble(params)
+    first, second = failing_shift(A, beam.stored_pattern())
+    assert 1e-4 < first < 1e-2
+    assert second == pytest.approx(first, rel=1e-6)
+
+
 def test_sample_is_deterministic_and_cached(tmp_path):
     first = ElasticBeam(cache_dir=tmp_path).sample(3, seed=5)
     again = ElasticBeam(cache_dir=tmp_path)

@@ -172,6 +172,32 @@ def test_paper_training_defaults():
     assert (poisson.epochs, poisson.batch_size, poisson.schedule) == (2500, 256, "plateau")
 
 
+@needs_dolfinx
+def test_stored_ic_pattern_reaches_every_solve(tasks):
+    from femeta.problems.elasticity import ElasticBeam
+
+    stored = ElasticityIccg(ic_pattern="stored")
+    assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored"}
+    pattern = ElasticBeam(cache=False).stored_pattern()
+    psi = LogShift(3e-3)
+    with torch.no_grad():  # a solve that carries d/d alpha rounds differently
+        alpha = psi(tasks["features"])
+        expected = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243,
+                        pattern=pattern)  # fmt: skip
+        result = stored.solve(psi, tasks, 1e-6, 243)
+    assert torch.equal(result.iterations, expected.iterations)
+    assert torch.equal(result.factorization_failed, expected.factorization_failed)
+    loss = stored.objective("surrogate", 243, 1e-6, smooth=0.25, engine="petsc")(psi, tasks)
+    torch_loss = stored.objective("surrogate", 243, 1e-6, smooth=0.25)(psi, tasks)
+    failed = expected.factorization_failed
+    assert bool(failed.any()) and not bool(failed.all())
+    # The PETSc engine factorizes on the same pattern: the same tasks pay the penalty.
+    torch.testing.assert_close(loss[failed], torch_loss[failed], rtol=0, atol=0)
+    assert bool((loss[~failed] < 500 * -math.log(3e-3)).all())
+    with pytest.raises(ValueError, match="unknown ic_pattern 'dense'"):
+        ElasticityIccg(ic_pattern="dense")
+
+
 def test_unknown_options_and_meta_solvers_are_rejected():
     with pytest.raises(ValueError, match="elasticity takes no option p"):
         get_experiment("elasticity", p=0.01)

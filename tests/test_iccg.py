@@ -65,6 +65,13 @@ def beams():
     return tasks["A"], tasks["b"], tasks["params"][:, 0]
 
 
+@pytest.fixture(scope="module")
+def stored():
+    from femeta.problems.elasticity import ElasticBeam
+
+    return ElasticBeam(cache=False).stored_pattern()
+
+
 def test_converges_to_the_solution():
     A, b = random_spd(5)
     result = iccg(A, b, torch.full((5,), 0.1), tol=1e-10, max_iterations=100)
@@ -219,6 +226,44 @@ def test_bad_input_is_rejected():
         iccg(A, b, 0.1, torch.zeros(3), tol=1e-6, max_iterations=10)
 
 
+def test_a_pattern_keeps_entries_that_are_zero_in_A():
+    """Kershaw's IC(0) fails on its nonzeros; on the full pattern it is the exact Cholesky."""
+    A = KERSHAW.expand(2, 4, 4).clone()
+    b = torch.ones(2, 4, dtype=torch.float64)
+    full = torch.ones(4, 4, dtype=torch.bool)
+    assert bool(iccg(A, b, 1e-3, tol=1e-8, max_iterations=20).factorization_failed.all())
+    result = iccg(A, b, 1e-3, tol=1e-8, max_iterations=20, pattern=full)
+    assert not bool(result.factorization_failed.any()) and bool(result.converged.all())
+    assert torch.equal(iccg(A, b, 1e-3, tol=1e-8, max_iterations=20, pattern=A != 0).iterations,
+                       iccg(A, b, 1e-3, tol=1e-8, max_iterations=20).iterations)  # fmt: skip
+
+
+def test_bad_pattern_is_rejected():
+    A, b = random_spd(2)
+    nonzero = A != 0
+    cases = {
+        "boolean torch.Tensor": nonzero.double(),
+        "pattern must have shape": nonzero[:, :5],
+        "must be symmetric": nonzero[0] | torch.eye(36, dtype=torch.bool).roll(1, dims=1),
+        r"A\[0\] has a nonzero at \(0, 1\) outside pattern": torch.eye(36, dtype=torch.bool),
+    }
+    for message, pattern in cases.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            iccg(A, b, 0.1, tol=1e-6, max_iterations=10, pattern=pattern)
+
+
+@pytest.mark.dolfinx
+@needs_dolfinx
+def test_petsc_keeps_the_pattern_with_explicit_zeros():
+    A = KERSHAW.expand(2, 4, 4).clone()
+    b = torch.ones(2, 4, dtype=torch.float64)
+    full = torch.ones(4, 4, dtype=torch.bool)
+    ours = iccg(A, b, 1e-3, tol=1e-8, max_iterations=20, pattern=full)
+    reference = petsc_iccg(A, b, 1e-3, tol=1e-8, max_iterations=20, pattern=full)
+    assert not bool(reference.factorization_failed.any())
+    assert torch.equal(ours.iterations, reference.iterations)
+
+
 @pytest.mark.dolfinx
 @needs_dolfinx
 def test_kershaw_failure_agrees_with_petsc():
@@ -253,6 +298,21 @@ def test_iterations_match_petsc_on_beams(beams, alpha):
         1, abs=0.05
     )
     # Same preconditioner: the first residuals agree to many digits.
+    torch.testing.assert_close(ours.history[:, :6], reference.history[:, :6], rtol=1e-7, atol=0)
+
+
+@pytest.mark.dolfinx
+@needs_dolfinx
+@pytest.mark.parametrize("alpha", [0.003, 0.05])
+def test_iterations_match_petsc_on_beams_with_the_stored_pattern(beams, stored, alpha):
+    A, b, width = beams
+    ours = iccg(A, b, alpha, tol=1e-6, max_iterations=243, pattern=stored)
+    reference = petsc_iccg(A, b, alpha, tol=1e-6, max_iterations=243, pattern=stored)
+    assert torch.equal(ours.factorization_failed, reference.factorization_failed)
+    solved = ~ours.factorization_failed
+    difference = (ours.iterations - reference.iterations).abs()[solved]
+    assert int(difference[width[solved] >= 0.1].max()) <= 1
+    assert bool((difference <= torch.clamp(0.1 * reference.iterations[solved], min=4)).all())
     torch.testing.assert_close(ours.history[:, :6], reference.history[:, :6], rtol=1e-7, atol=0)
 
 

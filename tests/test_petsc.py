@@ -145,6 +145,23 @@ def test_a_changed_matrix_is_not_taken_for_a_kept_one(change):
     assert not torch.equal(result.history[3], fresh(A, b, alpha).history[3])  # it matters
 
 
+def test_a_kept_system_with_another_pattern_is_solved_anew():
+    """The same values on a pattern with explicit zeros: another ICC(0), not the kept one."""
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems()
+    wider = (A != 0) | (A != 0).double().matrix_power(2).bool()
+    with PetscIccg(workers=2) as engine:
+        plain = engine(A, b, alpha, tol=1e-10, max_iterations=40)
+        result = engine(A, b, alpha, tol=1e-10, max_iterations=40, pattern=wider)
+        again = engine(A, b, alpha, tol=1e-10, max_iterations=40)
+    with PetscIccg() as engine:
+        expected = engine(A, b, alpha, tol=1e-10, max_iterations=40, pattern=wider)
+    assert_identical(result, expected)
+    assert_identical(again, plain)
+    assert bool((result.iterations < plain.iterations).all())  # more fill: a better IC
+
+
 def test_capacity_bounds_the_kept_systems():
     from femeta.solvers.petsc import PetscIccg
 

@@ -118,6 +118,20 @@ class ElasticBeam:
             self._assembler = _BeamAssembler(self.cells, self.length)
         return self._assembler.dof_layout(width)
 
+    def stored_pattern(self) -> Tensor:
+        """The entries that DOLFINx's assembled matrix stores, boolean ``(N, N)``.
+
+        The same for every task: each pair of unknowns that share a cell. Some of
+        these entries cancel to zero or to rounding noise in a task's ``A``, so the
+        nonzeros of ``A`` change from task to task with rounding; PETSc's ICC(0) on
+        the assembled matrix keeps them all, explicit zeros included.
+        """
+        if self._assembler is None:
+            self._assembler = _BeamAssembler(self.cells, self.length)
+        pattern = torch.zeros(self.n, self.n, dtype=torch.bool)
+        pattern[self._assembler.rows, self._assembler.cols] = True
+        return pattern
+
     def sample(self, count: int, seed: int) -> TaskSet:
         """Draw and assemble ``count`` tasks, deterministically from ``seed``.
 

@@ -3,7 +3,8 @@
 The shift is relative to the diagonal (paper §4.2 writes ``A + alpha I``; a relative
 shift is scale-free and means the same to PETSc, where ``P = A + alpha diag(A)``
 with ``PCICC`` and shift type ``NONE`` gives this very preconditioner). IC(0)
-keeps the nonzero pattern of ``A``; it fails when a pivot is not positive.
+keeps the nonzero pattern of ``A``, or a given sparsity pattern, e.g. the entries
+that the assembled sparse matrix stores; it fails when a pivot is not positive.
 
 For the small dense systems of the paper (``N = 243``) the preconditioner
 ``M = L L^T`` is applied through its explicit inverse, computed once per task, so
@@ -65,6 +66,7 @@ def iccg(
     max_iterations: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    pattern: Tensor | None = None,
 ) -> IccgResult:
     """Solve ``A x = b`` for a batch of SPD matrices with ICCG(alpha).
 
@@ -84,6 +86,10 @@ def iccg(
         max_iterations: The cap ``m``.
         device: Where to compute; defaults to the device of ``b``.
         dtype: Floating point type of the computation.
+        pattern: The entries IC(0) keeps, boolean ``(N, N)`` or ``(B, N, N)``,
+            symmetric and holding every nonzero of ``A``: e.g. what the sparse
+            matrix stores, entries that cancelled to zero or to rounding noise
+            included, as PETSc's ICC keeps them. Default: the nonzeros of ``A``.
 
     Returns:
         An :class:`IccgResult` whose history is trimmed to the longest run.
@@ -91,10 +97,11 @@ def iccg(
     check_stopping(tol, max_iterations)
     device = torch.device(device) if device is not None else b.device
     A, b, alpha, x0 = _check_inputs(A, b, alpha, x0, device, dtype)
+    pattern = _check_pattern(pattern, A)
     differentiable = alpha.requires_grad and torch.is_grad_enabled()
     tangent = torch.ones_like(alpha) if differentiable else None
     x, history, iterations, converged, failed, dx, dhistory = _solve(
-        A, b, alpha.detach(), tangent, x0, tol, max_iterations
+        A, b, alpha.detach(), tangent, x0, tol, max_iterations, pattern
     )
     if differentiable:
         x, history = _AlphaJacobian.apply(alpha, x, history, dx, dhistory)
@@ -108,10 +115,12 @@ def petsc_iccg(
     *,
     tol: float | None,
     max_iterations: int,
+    pattern: Tensor | None = None,
 ) -> IccgResult:
     """The same solve with PETSc (CG + ICC(0)), one KSP per task, serial; a reference.
 
-    ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` is the
+    ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` (or on ``pattern``,
+    as :func:`iccg` takes it, with explicit zeros) is the
     preconditioning matrix (``ksp.setOperators(A, P)``), with natural ordering,
     shift type ``NONE``, the unpreconditioned norm, ``rtol = tol``, ``atol = 0``
     and a zero initial guess. PETSc flags only a zero pivot; a negative one
@@ -122,7 +131,7 @@ def petsc_iccg(
     from femeta.solvers.petsc import PetscIccg
 
     with PetscIccg() as engine:
-        return engine(A, b, alpha, tol=tol, max_iterations=max_iterations)
+        return engine(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
 
 
 def _check_inputs(
@@ -163,6 +172,34 @@ def _check_inputs(
         check_finite("x0", x0)
     alpha = _check_alpha(alpha, batch, device, dtype)
     return A, b, alpha, x0
+
+
+def _check_pattern(pattern: Tensor | None, A: Tensor) -> Tensor | None:
+    """``pattern`` as a boolean ``(B, N, N)`` tensor on ``A``'s device (``None`` stays)."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, Tensor) or pattern.dtype != torch.bool:
+        raise TypeError("pattern must be a boolean torch.Tensor (True where IC(0) keeps an entry)")
+    if (
+        pattern.shape[-2:] != A.shape[-2:]
+        or pattern.dim() not in (2, 3)
+        or (pattern.dim() == 3 and pattern.shape[0] != A.shape[0])
+    ):
+        raise ValueError(
+            f"pattern must have shape {tuple(A.shape[1:])} or {tuple(A.shape)}, "
+            f"got {tuple(pattern.shape)}"
+        )
+    pattern = pattern.to(A.device).expand_as(A)
+    if not bool(torch.equal(pattern, pattern.mT)):
+        raise ValueError("pattern must be symmetric: IC(0) of a symmetric matrix keeps both halves")
+    outside = (A != 0) & ~pattern
+    if bool(outside.any()):
+        task, row, column = (int(i) for i in torch.nonzero(outside)[0])
+        raise ValueError(
+            f"A[{task}] has a nonzero at ({row}, {column}) outside pattern; the pattern must "
+            "hold every stored entry of A"
+        )
+    return pattern
 
 
 def _check_alpha(
@@ -214,6 +251,7 @@ def _solve(
     x0: Tensor,
     tol: float | None,
     max_iterations: int,
+    pattern: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """ICCG with an optional forward-mode tangent on ``alpha``, chunk by chunk.
 
@@ -231,7 +269,8 @@ def _solve(
                     # torch scripts its forward-mode decompositions on first use, which warns.
                     warnings.filterwarnings("ignore", "`torch.jit.script`", FutureWarning)
                     shift = fwAD.make_dual(shift, alpha_tangent[part])
-            inverse, failed = _inverse_preconditioner(A[part], shift)
+            kept = None if pattern is None else pattern[part]
+            inverse, failed = _inverse_preconditioner(A[part], shift, kept)
             pieces.append(_cg(A[part], b[part], inverse, failed, x0[part], tol, max_iterations))
     longest = max(piece[1].shape[1] for piece in pieces)
     outputs = []
@@ -243,8 +282,12 @@ def _solve(
     return tuple(outputs)
 
 
-def _inverse_preconditioner(A: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+def _inverse_preconditioner(
+    A: Tensor, alpha: Tensor, pattern: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(L L^T)^{-1}`` for IC(0) ``L L^T`` of ``A + alpha diag(A)``, and the failed instances.
+
+    IC(0) keeps ``pattern`` (checked to hold ``A``'s nonzeros), else ``A``'s nonzeros.
 
     Column ``j`` of ``L`` is computed for the whole batch at once (left-looking),
     restricted to the band of the batch's common nonzero pattern. From its first
@@ -252,7 +295,7 @@ def _inverse_preconditioner(A: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
     columns, so that nothing downstream meets a NaN.
     """
     batch, n = A.shape[:2]
-    nonzero = A != 0
+    nonzero = A != 0 if pattern is None else pattern
     pattern = nonzero.tril(-1)
     band = nonzero.any(dim=0)
     first = band.int().argmax(dim=1).tolist()  # first nonzero column of each row

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta.solvers.base import check_stopping
-from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs
+from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs, _check_pattern
 
 __all__ = ["PetscIccg"]
 
@@ -49,7 +49,11 @@ _JOB_BYTES = 512
 
 @dataclass(frozen=True)
 class _System:
-    """One task's ``A`` in CSR form (PETSc's index type), known to solvers by ``key``."""
+    """One task's ``A`` in CSR form (PETSc's index type), known to solvers by ``key``.
+
+    The CSR form stores the entries of a ``kept`` mask (the nonzeros, or a given
+    pattern with explicit zeros), which ICC(0) keeps.
+    """
 
     key: int
     indptr: np.ndarray
@@ -59,9 +63,9 @@ class _System:
     positions: np.ndarray
 
     @classmethod
-    def from_dense(cls, key: int, dense: np.ndarray, index_type: Any) -> _System:
+    def from_dense(cls, key: int, dense: np.ndarray, kept: np.ndarray, index_type: Any) -> _System:
         n = dense.shape[0]
-        rows, columns = np.nonzero(dense)
+        rows, columns = np.nonzero(kept)
         return cls(
             key,
             np.searchsorted(rows, np.arange(n + 1)).astype(index_type),
@@ -74,10 +78,12 @@ class _System:
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.indptr, self.indices, self.data
 
-    def matches(self, dense: np.ndarray, nonzeros: int) -> bool:
-        """Whether ``dense`` (with ``nonzeros`` nonzero entries) is this very matrix."""
-        return nonzeros == self.data.size and np.array_equal(
-            dense.reshape(-1)[self.positions], self.data
+    def matches(self, dense: np.ndarray, kept: np.ndarray) -> bool:
+        """Whether ``dense``, stored on the mask ``kept``, is this very matrix."""
+        return (
+            np.count_nonzero(kept) == self.data.size
+            and bool(kept.reshape(-1)[self.positions].all())
+            and np.array_equal(dense.reshape(-1)[self.positions], self.data)
         )
 
 
@@ -127,17 +133,19 @@ class PetscIccg:
 
     def __call__(
         self, A: Tensor, b: Tensor, alpha: Tensor | float, *, tol: float | None,
-        max_iterations: int,
+        max_iterations: int, pattern: Tensor | None = None,
     ) -> IccgResult:  # fmt: skip
-        return self.many(A, b, [alpha], tol=tol, max_iterations=max_iterations)[0]
+        return self.many(A, b, [alpha], tol=tol, max_iterations=max_iterations, pattern=pattern)[0]
 
     def many(
         self, A: Tensor, b: Tensor, alphas: Sequence[Tensor | float], *, tol: float | None,
-        max_iterations: int,
+        max_iterations: int, pattern: Tensor | None = None,
     ) -> list[IccgResult]:  # fmt: skip
         """The results of the same systems at each of ``alphas``, solved in one round.
 
         Each system is looked up once, and the processes share all the solves.
+        ``pattern`` is the sparsity pattern that ICC(0) keeps, as for
+        :func:`~femeta.solvers.iccg.iccg` (default: the nonzeros of ``A``).
         """
         if self._closed:
             raise RuntimeError(
@@ -154,7 +162,9 @@ class PetscIccg:
             raise ValueError("alphas is empty; give at least one shift")
         A, b, first, _ = _check_inputs(A, b, alphas[0], None, _CPU, torch.float64)
         others = [_check_alpha(alpha, len(b), _CPU, torch.float64) for alpha in alphas[1:]]
+        kept = _check_pattern(pattern, A)
         dense, rhs = A.numpy(), b.numpy()
+        masks = dense != 0 if kept is None else kept.numpy()
         shifts = torch.stack([first, *others], dim=1).numpy()
         import_dolfinx()
         from petsc4py import PETSc
@@ -178,12 +188,13 @@ class PetscIccg:
                 size = -(-len(tasks) // (4 * self.workers))
                 part, jobs, load = [], [], 8 * len(child.dropped)
                 while tasks and len(part) < size:
-                    system = self._find(dense[tasks[0]], rhs[tasks[0]], PETSc.IntType)
+                    task = tasks[0]
+                    system = self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
                     new = system.key not in child.known
-                    load += _JOB_BYTES + rhs[tasks[0]].nbytes + shifts[tasks[0]].nbytes
+                    load += _JOB_BYTES + rhs[task].nbytes + shifts[task].nbytes
                     if child.pending and (new or load > child.room):
                         break
-                    task = tasks.popleft()
+                    tasks.popleft()
                     child.known.add(system.key)
                     part.append(task)
                     jobs.append((system.key, system.csr if new else None, rhs[task], shifts[task]))
@@ -201,7 +212,7 @@ class PetscIccg:
                     feed(child)
                 if tasks:
                     task = tasks.pop()
-                    system = self._find(dense[task], rhs[task], PETSc.IntType)
+                    system = self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
                     job = (system.key, system.csr, rhs[task], shifts[task])
                     (outcomes[task],) = self._local.solve([job], tol, max_iterations)
             for child in self._children:
@@ -221,17 +232,19 @@ class PetscIccg:
         while len(self._children) < self.workers - 1:
             self._children.append(_Child())
 
-    def _find(self, dense: np.ndarray, rhs: np.ndarray, index_type: Any) -> _System:
+    def _find(
+        self, dense: np.ndarray, kept: np.ndarray, rhs: np.ndarray, index_type: Any
+    ) -> _System:
         """The kept system of one task, made (and kept) where there is none or it differs.
 
         Systems beyond ``capacity`` are dropped by the caller once the call's are found.
         """
         name = rhs.tobytes() + np.diagonal(dense).tobytes()
         system = self._systems.get(name)
-        if system is None or not system.matches(dense, np.count_nonzero(dense)):
+        if system is None or not system.matches(dense, kept):
             if system is not None:
                 self._forget.append(system.key)
-            system = _System.from_dense(self._next_key, dense, index_type)
+            system = _System.from_dense(self._next_key, dense, kept, index_type)
             self._next_key += 1
             self._systems[name] = system
         self._systems.move_to_end(name)
@@ -300,8 +313,8 @@ class _Solver:
         """``(x, iterations, residual norms, reason)`` at each shift of each
         ``(key, csr, rhs, alphas)``; ``csr`` may be ``None`` for a system given before.
 
-        ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` is the
-        preconditioning matrix, with natural ordering, shift type ``NONE``, the
+        ``P = A + alpha diag(A)`` on the stored entries of ``A`` (explicit zeros
+        included) is the preconditioning matrix, with natural ordering, shift type ``NONE``, the
         unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial
         guess. Options are set through the API under a per-KSP prefix; the global
         options database is never touched.
