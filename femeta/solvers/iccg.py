@@ -78,7 +78,7 @@ def iccg(
 
     Args:
         A: Symmetric positive definite matrices, ``(B, N, N)`` dense. IC(0) keeps
-            their nonzero pattern; only the lower triangle is read.
+            their nonzero pattern (or ``pattern``); only the lower triangle is read.
         b: Right-hand sides, ``(B, N)``, none of them zero.
         alpha: Relative diagonal shifts, ``(B,)`` or a scalar, positive.
         x0: Initial guesses, ``(B, N)``; zero when omitted.
