@@ -316,12 +316,10 @@ def load_metasolver(
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
     params = dict(config.get("problem_params", {}))
-    if problem == "elasticity":
-        params.setdefault("ic_pattern", "values")  # runs saved before the option
     given = (("p", p), ("sets", sets), ("ic_pattern", ic_pattern))
     overrides = {name: value for name, value in given if value is not None}
     for name, owner in (("p", "poisson1d"), ("sets", "robertson"), ("ic_pattern", "elasticity")):
-        if name in overrides and name not in params:
+        if name in overrides and problem != owner:
             flag = name.replace("_", "-")
             raise RunError(f"--{flag} applies to {owner} only; {run_dir} is a {problem!r} model")
     try:
@@ -329,10 +327,10 @@ def load_metasolver(
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
     except (TypeError, ValueError) as err:
         if overrides:
-            given = ", ".join(
+            flags = ", ".join(
                 f"--{name.replace('_', '-')} {value}" for name, value in overrides.items()
             )
-            raise RunError(f"cannot evaluate {run_dir} with {given}: {err}") from err
+            raise RunError(f"cannot evaluate {run_dir} with {flags}: {err}") from err
         raise RunError(f"{run_dir}/config.json does not describe a usable model ({err})") from err
     restore(metasolver, state, Path(run_dir))
     metasolver.eval()

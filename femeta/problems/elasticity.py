@@ -102,9 +102,7 @@ class ElasticBeam:
             ``A`` of shape ``(B, N, N)`` and ``b`` of shape ``(B, N)``, float64.
         """
         params = _check_params(params)
-        if self._assembler is None:
-            self._assembler = _BeamAssembler(self.cells, self.length)
-        return self._assembler(params)
+        return self._forms()(params)
 
     def dof_layout(self, width: float) -> tuple[Tensor, Tensor]:
         """Where the unknowns live for a beam of this ``width``.
@@ -114,9 +112,7 @@ class ElasticBeam:
             displacement component (0, 1, 2 for x, y, z) it is, ``(N,)``.
         """
         _check_params(torch.tensor([[width, 1.0, 1.0, 1.0]]))
-        if self._assembler is None:
-            self._assembler = _BeamAssembler(self.cells, self.length)
-        return self._assembler.dof_layout(width)
+        return self._forms().dof_layout(width)
 
     def stored_pattern(self) -> Tensor:
         """The entries that DOLFINx's assembled matrix stores, boolean ``(N, N)``.
@@ -126,11 +122,16 @@ class ElasticBeam:
         nonzeros of ``A`` change from task to task with rounding; PETSc's ICC(0) on
         the assembled matrix keeps them all, explicit zeros included.
         """
+        forms = self._forms()
+        pattern = torch.zeros(self.n, self.n, dtype=torch.bool)
+        pattern[forms.rows, forms.cols] = True
+        return pattern
+
+    def _forms(self) -> _BeamAssembler:
+        """The compiled forms, compiled on first use."""
         if self._assembler is None:
             self._assembler = _BeamAssembler(self.cells, self.length)
-        pattern = torch.zeros(self.n, self.n, dtype=torch.bool)
-        pattern[self._assembler.rows, self._assembler.cols] = True
-        return pattern
+        return self._assembler
 
     def sample(self, count: int, seed: int) -> TaskSet:
         """Draw and assemble ``count`` tasks, deterministically from ``seed``.

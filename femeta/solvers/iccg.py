@@ -189,9 +189,9 @@ def _check_pattern(pattern: Tensor | None, A: Tensor) -> Tensor | None:
             f"pattern must have shape {tuple(A.shape[1:])} or {tuple(A.shape)}, "
             f"got {tuple(pattern.shape)}"
         )
-    pattern = pattern.to(A.device).expand_as(A)
     if not bool(torch.equal(pattern, pattern.mT)):
         raise ValueError("pattern must be symmetric: IC(0) of a symmetric matrix keeps both halves")
+    pattern = pattern.to(A.device).expand_as(A)
     outside = (A != 0) & ~pattern
     if bool(outside.any()):
         task, row, column = (int(i) for i in torch.nonzero(outside)[0])

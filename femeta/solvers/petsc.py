@@ -314,8 +314,8 @@ class _Solver:
         ``(key, csr, rhs, alphas)``; ``csr`` may be ``None`` for a system given before.
 
         ``P = A + alpha diag(A)`` on the stored entries of ``A`` (explicit zeros
-        included) is the preconditioning matrix, with natural ordering, shift type ``NONE``, the
-        unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial
+        included) is the preconditioning matrix, with natural ordering, shift type
+        ``NONE``, the unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial
         guess. Options are set through the API under a per-KSP prefix; the global
         options database is never touched.
         """
