@@ -175,6 +175,15 @@ def test_sample_is_deterministic_and_cached(tmp_path):
     assert not torch.equal(first["params"], other["params"])
 
 
+def test_stored_pattern_is_cached_and_loads_without_dolfinx(tmp_path):
+    first = ElasticBeam(cache_dir=tmp_path).stored_pattern()
+    again = ElasticBeam(cache_dir=tmp_path)
+    assert torch.equal(again.stored_pattern(), first)
+    assert again._assembler is None, "a cached pattern must load without compiling the forms"
+    other = ElasticBeam(cells=(4, 1, 1), cache_dir=tmp_path).stored_pattern()
+    assert other.shape == (60, 60) and len(list(tmp_path.iterdir())) == 2
+
+
 def test_parameters_follow_the_log_uniform_ranges():
     params = ElasticBeam(cache=False).draw(4000, seed=0)
     assert float(params[:, 0].min()) >= 0.003 and float(params[:, 0].max()) <= 0.3

@@ -201,6 +201,31 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(cpu.x, gpu.x.cpu(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_derivative_pattern_and_failure_match_cpu():
+    A, b = random_spd(4)
+    wider = (A != 0) | torch.eye(A.shape[-1], dtype=torch.bool).roll(2, 0)
+    wider = wider | wider.mT
+    A = torch.cat([A, torch.nn.functional.pad(KERSHAW, (0, 32, 0, 32))[None]])
+    A[-1, 4:, 4:] += torch.eye(32, dtype=torch.float64)
+    b = torch.cat([b, torch.ones(1, 36, dtype=torch.float64)])
+    pattern = torch.cat([wider, (A[-1:] != 0)])
+    outcomes = []
+    for device in ("cpu", "cuda"):
+        alpha = torch.tensor([0.01, 0.1, 0.5, 1.0, 0.01], device=device, requires_grad=True)
+        args = (A.to(device), b.to(device), alpha)
+        result = iccg(*args, tol=1e-8, max_iterations=60, pattern=pattern.to(device))
+        (grad,) = torch.autograd.grad(result.history.sum(), alpha)
+        outcomes.append((result, grad))
+    (cpu, cpu_grad), (gpu, gpu_grad) = outcomes
+    assert cpu.factorization_failed.tolist() == [False] * 4 + [True]
+    assert torch.equal(cpu.factorization_failed, gpu.factorization_failed.cpu())
+    assert torch.equal(cpu.iterations, gpu.iterations.cpu())
+    torch.testing.assert_close(cpu.x, gpu.x.cpu(), rtol=1e-9, atol=1e-12)
+    assert bool(cpu_grad[:4].abs().gt(0).all())
+    torch.testing.assert_close(cpu_grad, gpu_grad.cpu(), rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("alpha", [0.0, -0.1, float("nan"), float("inf")])
 def test_bad_alpha_is_rejected(alpha):
     A, b = random_spd(2)

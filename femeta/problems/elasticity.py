@@ -50,16 +50,17 @@ class ElasticBeam:
     The forms are compiled once, on the first assembly; the material parameters
     are ``fem.Constant``s and the width is applied by rescaling the mesh
     geometry in place, so no task triggers a recompilation. DOLFINx is needed
-    only to assemble: a dataset already in the cache loads without it.
+    only to assemble: a dataset or stored pattern already in the cache loads
+    without it (e.g. on a GPU machine without DOLFINx).
 
     Args:
         cells: Hexahedra along the length and the two sides of the cross-section.
         width_range: Bounds of the log-uniform distribution of ``W``.
         material_range: Bounds of the log-uniform distributions of ``lambda``,
             ``mu`` and ``rho``.
-        cache_dir: Where generated datasets are kept; :func:`default_cache_dir`
-            when omitted.
-        cache: Whether to keep and reuse generated datasets on disk.
+        cache_dir: Where generated datasets and the stored pattern are kept;
+            :func:`default_cache_dir` when omitted.
+        cache: Whether to keep and reuse them on disk.
     """
 
     name = "elasticity"
@@ -122,9 +123,18 @@ class ElasticBeam:
         nonzeros of ``A`` change from task to task with rounding; PETSc's ICC(0) on
         the assembled matrix keeps them all, explicit zeros included.
         """
+        path = self._cache_path("pattern")
+        if path is not None and path.exists():
+            from safetensors.torch import load_file
+
+            return load_file(path)["pattern"]
         forms = self._forms()
         pattern = torch.zeros(self.n, self.n, dtype=torch.bool)
         pattern[forms.rows, forms.cols] = True
+        if path is not None:
+            from safetensors.torch import save
+
+            write_atomic(path, save({"pattern": pattern}))
         return pattern
 
     def _forms(self) -> _BeamAssembler:
@@ -143,7 +153,7 @@ class ElasticBeam:
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
-        path = self._cache_path(count, seed)
+        path = self._cache_path("tasks", count=count, seed=int(seed))
         if path is not None and path.exists():
             return self._load(path)
         params = self.draw(count, seed)
@@ -165,21 +175,22 @@ class ElasticBeam:
         """The ``train``, ``validation`` or ``test`` split (1000 tasks each, Appendix C.3)."""
         return self.sample(*split_size_and_seed(name, seed, SPLIT_SIZES))
 
-    def _cache_path(self, count: int, seed: int) -> Path | None:
+    def _cache_path(self, kind: str, **key: int) -> Path | None:
+        """Where a dataset (``kind="tasks"``) or the stored pattern is cached, or ``None``."""
         if self.cache_dir is None:
             return None
-        key = {
-            "problem": self.name,
-            "format": _CACHE_FORMAT,
-            "cells": self.cells,
-            "length": self.length,
-            "width_range": self.width_range,
-            "material_range": self.material_range,
-            "count": count,
-            "seed": int(seed),
-        }
+        key |= {"problem": self.name, "cells": self.cells, "length": self.length}
+        if kind == "tasks":
+            key |= {
+                "format": _CACHE_FORMAT,
+                "width_range": self.width_range,
+                "material_range": self.material_range,
+            }
+            prefix = self.name
+        else:
+            prefix = f"{self.name}-{kind}"
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        return self.cache_dir / f"{self.name}-{digest}.safetensors"
+        return self.cache_dir / f"{prefix}-{digest}.safetensors"
 
     def _store(self, path: Path, tasks: TaskSet) -> None:
         from safetensors.torch import save

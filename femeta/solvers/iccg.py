@@ -462,6 +462,8 @@ class _SharedPattern:
             crow, col = crow.int(), col.int()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            # torch 2.11 (seen on a GPU machine) warns that check_invariants=False is implicit.
+            warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly", UserWarning)
             self.matrix = torch.sparse_csr_tensor(
                 crow, col, self.values.reshape(-1), size=size, check_invariants=False
             )
