@@ -160,10 +160,10 @@ def train_command(
     ic_pattern: Annotated[
         str | None,
         typer.Option(
-            help="elasticity only: the sparsity pattern IC(0) keeps: 'values', the nonzeros "
-            "of each A; 'stored', the entries DOLFINx's matrix stores, as PETSc's ICC keeps "
-            "them in a FEniCS script (not in the paper; the shift at which IC(0) fails then "
-            "does not depend on rounding). [default: values]"
+            help="elasticity only: the sparsity pattern IC(0) keeps: 'stored', the entries "
+            "DOLFINx's matrix stores, as PETSc's ICC keeps them in a FEniCS script; 'values', "
+            "the nonzeros of each A, where the shift at which IC(0) fails depends on which "
+            "stored entries cancelled to exact zeros in the assembly. [default: stored]"
         ),
     ] = None,
     epochs: Annotated[
@@ -355,7 +355,7 @@ def evaluate_command(
         str | None,
         typer.Option(
             help="elasticity only: IC(0)'s sparsity pattern, 'values' or 'stored', as in train. "
-            "[default: the model's, else values]"
+            "[default: the model's, else stored]"
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,

@@ -42,7 +42,7 @@ class TrainOptions:
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
     the paper's exact derivative) and ``gamma`` (the weight of the ICF penalty;
-    ``None``: the paper's 500) and ``ic_pattern`` (``None``: ``"values"``) of
+    ``None``: the paper's 500) and ``ic_pattern`` (``None``: ``"stored"``) of
     ``elasticity`` only; ``head``, ``sets`` and
     ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
@@ -184,7 +184,7 @@ def resume_training(
         raise RunError(f"{path} does not exist; only a run started with --out can be resumed")
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
-        options = TrainOptions(**saved["options"])
+        options = TrainOptions(**_saved_pattern(saved["options"].get("problem"), saved["options"]))
     except Exception as err:  # a truncated or foreign file fails in many ways
         raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
     if options.problem != problem:
@@ -315,7 +315,7 @@ def load_metasolver(
     """
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
-    params = dict(config.get("problem_params", {}))
+    params = _saved_pattern(problem, config.get("problem_params", {}))
     given = (("p", p), ("sets", sets), ("ic_pattern", ic_pattern))
     overrides = {name: value for name, value in given if value is not None}
     for name, owner in (("p", "poisson1d"), ("sets", "robertson"), ("ic_pattern", "elasticity")):
@@ -335,6 +335,17 @@ def load_metasolver(
     restore(metasolver, state, Path(run_dir))
     metasolver.eval()
     return experiment, metasolver
+
+
+def _saved_pattern(problem: str | None, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (options or problem parameters of a run), with its beams' IC(0) pattern.
+
+    Beam runs saved before they recorded the pattern (before session 14's default
+    ``"stored"``) used each ``A``'s nonzeros: they say ``"values"`` here.
+    """
+    if problem == "elasticity" and saved.get("ic_pattern") is None:
+        return {**saved, "ic_pattern": "values"}
+    return dict(saved)
 
 
 def baseline_metasolver(experiment: Any, kind: str, seed: int = 0) -> nn.Module:

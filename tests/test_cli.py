@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from femeta.evaluation import IterationStats
 from femeta.experiments import ElasticityIccg
 from femeta.solvers.iccg import petsc_iccg
+from femeta.workflow import load_metasolver
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +181,21 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
-    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "values"}
+    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "stored"}
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
     assert config["train_config"]["schedule"] == "steps"
+
+
+def test_a_beam_run_saved_without_its_pattern_loads_with_values(beam_model, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(beam_model, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["problem_params"]["ic_pattern"], config["options"]["ic_pattern"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert load_metasolver(beam_model, "elasticity")[0].ic_pattern == "stored"
+    assert load_metasolver(old, "elasticity")[0].ic_pattern == "values"
 
 
 def test_evaluate_elasticity_json_has_the_poisson_keys_and_the_cap(beam_model, invoke):
@@ -254,11 +266,12 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert alpha == pytest.approx(grid[position]) and position > 0
     experiment = ElasticityIccg()
     train, test = experiment.tasks("train", 0), experiment.tasks("test", 0)
+    stop = {"tol": 1e-6, "max_iterations": 243, "pattern": experiment.pattern}
     for shift, fails in ((alpha, False), (grid[position - 1], True)):
-        result = petsc_iccg(train["A"], train["b"], shift, tol=1e-6, max_iterations=243)
+        result = petsc_iccg(train["A"], train["b"], shift, **stop)
         assert bool(result.factorization_failed.any()) == fails, shift
     reference = IterationStats.from_result(
-        petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243), 1e-6, 243
+        petsc_iccg(test["A"], test["b"], alpha, **stop), 1e-6, 243
     )
     assert abs(base["mean"] - reference.mean_iterations) < 1
     # Rounding moves CG on these ill-conditioned beams by up to 5% (the agreement test in

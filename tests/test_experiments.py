@@ -63,7 +63,9 @@ def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks, gamma):
     # The same shift (exp(log 1e-4) is not 1e-4 to the last bit) and the same path: with
     # a tangent, rounding differs, and ill-conditioned solves move by an iteration or two.
     alpha = psi(tasks["features"]).detach().requires_grad_()
-    result = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
+    result = iccg(
+        tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243, pattern=experiment.pattern
+    )
     failed = result.factorization_failed
     assert 0 < int(failed.sum()) < 16
     penalty = torch.full((16,), weight * math.log(1e4), dtype=torch.float64)
@@ -83,10 +85,20 @@ def test_objective_on_successful_solves_is_the_solve_loss(experiment, tasks, los
     alpha = torch.ones(16, dtype=torch.float64, requires_grad=True)
     if loss == "surrogate":
         expected = iteration_surrogate(
-            iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243), 1e-6
+            iccg(
+                tasks["A"],
+                tasks["b"],
+                alpha,
+                tol=1e-6,
+                max_iterations=243,
+                pattern=experiment.pattern,
+            ),
+            1e-6,
         )
     else:  # the relative residual after m iterations, not squared (§4.2)
-        expected = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25).final_error
+        expected = iccg(
+            tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25, pattern=experiment.pattern
+        ).final_error
     torch.testing.assert_close(value.detach(), expected.detach())
 
 
@@ -117,9 +129,16 @@ def test_base_shift_is_the_smallest_grid_shift_that_factorizes_every_task(experi
     position = grid.index(alpha)
     for shift in grid[position:]:
         assert not iccg(
-            tasks["A"], tasks["b"], shift, tol=None, max_iterations=0
+            tasks["A"], tasks["b"], shift, tol=None, max_iterations=0, pattern=experiment.pattern
         ).factorization_failed.any()
-    below = iccg(tasks["A"], tasks["b"], grid[position - 1], tol=None, max_iterations=0)
+    below = iccg(
+        tasks["A"],
+        tasks["b"],
+        grid[position - 1],
+        tol=None,
+        max_iterations=0,
+        pattern=experiment.pattern,
+    )
     assert below.factorization_failed.any()
     assert isinstance(experiment.metasolver("base", tasks), ConstantShift)
 
@@ -131,7 +150,14 @@ def test_best_is_no_worse_than_any_grid_shift(experiment, tasks):
     cap = 243
     best_counts = torch.where(best.converged, best.iterations, cap)
     for alpha in grid.tolist():
-        result = iccg(subset["A"], subset["b"], alpha, tol=1e-6, max_iterations=cap)
+        result = iccg(
+            subset["A"],
+            subset["b"],
+            alpha,
+            tol=1e-6,
+            max_iterations=cap,
+            pattern=experiment.pattern,
+        )
         counts = torch.where(result.converged, result.iterations, cap)
         assert bool((best_counts <= counts).all())
     with pytest.raises(ValueError, match="tolerance"):
@@ -176,8 +202,9 @@ def test_paper_training_defaults():
 def test_stored_ic_pattern_reaches_every_solve(tasks):
     from femeta.problems.elasticity import ElasticBeam
 
-    stored = ElasticityIccg(ic_pattern="stored")
+    stored = ElasticityIccg()
     assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored"}
+    assert ElasticityIccg(ic_pattern="values").pattern is None
     pattern = ElasticBeam(cache=False).stored_pattern()
     psi = LogShift(3e-3)
     with torch.no_grad():  # a solve that carries d/d alpha rounds differently
@@ -214,7 +241,9 @@ def test_unknown_options_and_meta_solvers_are_rejected():
 def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks):
     subset = tasks.subset(slice(0, 8))
     alpha = 1e-4  # some of these beams fail at this shift, some solve
-    failed = iccg(subset["A"], subset["b"], alpha, tol=None, max_iterations=0).factorization_failed
+    failed = iccg(
+        subset["A"], subset["b"], alpha, tol=None, max_iterations=0, pattern=experiment.pattern
+    ).factorization_failed
     assert 0 < int(failed.sum()) < 8
     limit = 1e-3
     psi = LogShift(alpha)
@@ -243,7 +272,14 @@ def test_smooth_derivative_is_the_central_difference_of_the_solve_loss(
     solver = {"torch": iccg, "petsc": petsc_iccg}[engine]
 
     def solve(shift):  # no tangent: the path the smoothed objective takes
-        result = solver(subset["A"], subset["b"], shift, tol=1e-6, max_iterations=243)
+        result = solver(
+            subset["A"],
+            subset["b"],
+            shift,
+            tol=1e-6,
+            max_iterations=243,
+            pattern=experiment.pattern,
+        )
         return result.factorization_failed, iteration_surrogate(result, 1e-6)
 
     psi = LogShift(alpha)
