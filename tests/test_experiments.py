@@ -83,22 +83,13 @@ def test_objective_on_successful_solves_is_the_solve_loss(experiment, tasks, los
     objective = experiment.objective(loss, 243 if loss == "surrogate" else 25, 1e-6)
     value = objective(psi, tasks)
     alpha = torch.ones(16, dtype=torch.float64, requires_grad=True)
+    pattern = experiment.pattern
     if loss == "surrogate":
-        expected = iteration_surrogate(
-            iccg(
-                tasks["A"],
-                tasks["b"],
-                alpha,
-                tol=1e-6,
-                max_iterations=243,
-                pattern=experiment.pattern,
-            ),
-            1e-6,
-        )
+        solved = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243, pattern=pattern)
+        expected = iteration_surrogate(solved, 1e-6)
     else:  # the relative residual after m iterations, not squared (§4.2)
-        expected = iccg(
-            tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25, pattern=experiment.pattern
-        ).final_error
+        solved = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25, pattern=pattern)
+        expected = solved.final_error
     torch.testing.assert_close(value.detach(), expected.detach())
 
 
@@ -272,14 +263,8 @@ def test_smooth_derivative_is_the_central_difference_of_the_solve_loss(
     solver = {"torch": iccg, "petsc": petsc_iccg}[engine]
 
     def solve(shift):  # no tangent: the path the smoothed objective takes
-        result = solver(
-            subset["A"],
-            subset["b"],
-            shift,
-            tol=1e-6,
-            max_iterations=243,
-            pattern=experiment.pattern,
-        )
+        stop = {"tol": 1e-6, "max_iterations": 243, "pattern": experiment.pattern}
+        result = solver(subset["A"], subset["b"], shift, **stop)
         return result.factorization_failed, iteration_surrogate(result, 1e-6)
 
     psi = LogShift(alpha)
