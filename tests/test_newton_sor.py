@@ -179,3 +179,20 @@ def test_bad_initial_guess_is_rejected(steps):
         newton_sor(robertson_system(tasks), y0, 1.2, tol=1e-9, max_iterations=5)
     with pytest.raises(ValueError, match=r"\(B, n\)"):
         newton_sor(robertson_system(tasks), y0[0], 1.2, tol=1e-9, max_iterations=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(steps):
+    tasks = steps.subset(torch.arange(0, 300, 7))
+    outcomes = []
+    for device in ("cpu", "cuda"):
+        on = tasks.to(device)
+        r = torch.full((len(tasks),), 1.15, dtype=torch.float64, device=device, requires_grad=True)
+        result = newton_sor(robertson_system(on), on["y_prev"], r, tol=1e-9, max_iterations=2000)
+        (grad,) = torch.autograd.grad(iteration_surrogate(result, 1e-9).sum(), r)
+        outcomes.append((result, grad))
+    (cpu, cpu_grad), (gpu, gpu_grad) = outcomes
+    assert gpu.x.is_cuda and bool(cpu.converged.all())
+    assert torch.equal(cpu.iterations, gpu.iterations.cpu())
+    torch.testing.assert_close(cpu.x, gpu.x.cpu(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(cpu_grad, gpu_grad.cpu(), rtol=1e-6, atol=1e-9)

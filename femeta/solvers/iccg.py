@@ -266,8 +266,9 @@ def _solve(
             shift = alpha[part]
             if alpha_tangent is not None:
                 with warnings.catch_warnings():
-                    # torch scripts its forward-mode decompositions on first use, which warns.
-                    warnings.filterwarnings("ignore", "`torch.jit.script`", FutureWarning)
+                    # torch scripts its forward-mode decompositions on first use, which warns
+                    # (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11).
+                    warnings.filterwarnings("ignore", "`torch.jit.script`")
                     shift = fwAD.make_dual(shift, alpha_tangent[part])
             kept = None if pattern is None else pattern[part]
             inverse, failed = _inverse_preconditioner(A[part], shift, kept)
