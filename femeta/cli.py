@@ -504,6 +504,13 @@ def table2_command(
         str,
         typer.Option(help="With --smooth: 'petsc' runs the training solves in PETSc."),
     ] = "torch",
+    ic_pattern: Annotated[
+        str,
+        typer.Option(
+            help="IC(0)'s sparsity pattern in every row, as in `femeta train elasticity`; "
+            "'values' reproduces the tables measured before session 14."
+        ),
+    ] = "stored",
     jobs: Jobs = 2,
     seed: TableSeed = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
@@ -530,6 +537,7 @@ def table2_command(
             labels,
             smooth,
             engine,
+            ic_pattern,
         )
     report_table(results, reproduce.table2_rich, out, as_json)
 

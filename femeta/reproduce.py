@@ -259,6 +259,7 @@ def _run_table2_row(
     cap: int | None,
     smooth: float | None,
     engine: str,
+    ic_pattern: str,
 ) -> dict:
     """Fit or train one row, then evaluate it at eps = 1e-6 with the cap; in a worker."""
     import time
@@ -276,12 +277,13 @@ def _run_table2_row(
     torch.set_num_threads(1)
     start = time.perf_counter()
     if row["loss"] is None:
-        experiment = get_experiment("elasticity")
+        experiment = get_experiment("elasticity", ic_pattern=ic_pattern)
         metasolver = baseline_metasolver(experiment, row["kind"], seed)
     else:
         m = row.get("m", cap)  # the surrogate trains with the cap it is tested with
         options = TrainOptions(problem="elasticity", loss=row["loss"], m=m, tol=1e-6,
-                               epochs=epochs, seed=seed, smooth=smooth, engine=engine)  # fmt: skip
+                               epochs=epochs, seed=seed, smooth=smooth, engine=engine,
+                               ic_pattern=ic_pattern)  # fmt: skip
         experiment, metasolver, _ = train_metasolver(options)
     stats = evaluate_metasolver(experiment, metasolver, 1e-6, seed, cap)
     alpha = None
@@ -307,6 +309,7 @@ def run_table2(
     labels: Sequence[str] | None = None,
     smooth: float | None = None,
     engine: str = "torch",
+    ic_pattern: str = "stored",
 ) -> dict[str, Any]:
     """Fit, train and evaluate the rows of Table 2 (all, or ``labels``), ``jobs`` at a time.
 
@@ -314,21 +317,22 @@ def run_table2(
     training solves (``None``: the paper's ``N``); the paper's numbers are for ``N``.
     ``smooth`` and ``engine`` apply to every trained row, L_m and L~_eps alike
     (see :meth:`~femeta.experiments.ElasticityIccg.objective`); ``None`` and
-    ``"torch"`` are the paper's exact derivative.
+    ``"torch"`` are the paper's exact derivative. ``ic_pattern`` is IC(0)'s
+    sparsity pattern in every row (:class:`~femeta.experiments.ElasticityIccg`).
     """
     from femeta.experiments import get_experiment
 
     # Bad values fail here, before any row starts.
-    get_experiment("elasticity").objective("m", 1, None, smooth=smooth, engine=engine)
+    experiment = get_experiment("elasticity", ic_pattern=ic_pattern)
+    experiment.objective("m", 1, None, smooth=smooth, engine=engine)
     grid = table2_grid(labels)
     # The expensive rows first (the grid search, then the long solves), so the pool stays busy.
     cost = {"best": 0, "eps=1e-06": 1, "m=243": 2, "m=125": 3}
     order = sorted(range(len(grid)), key=lambda i: cost.get(grid[i]["label"], 9))
-    rows = _run_rows(
-        _run_table2_row, grid, order, jobs, advance, epochs, seed, max_iterations, smooth, engine
-    )
+    settings = (epochs, seed, max_iterations, smooth, engine, ic_pattern)
+    rows = _run_rows(_run_table2_row, grid, order, jobs, advance, *settings)
     return {"epochs": epochs, "seed": seed, "tol": 1e-6, "smooth": smooth, "engine": engine,
-            "rows": rows}  # fmt: skip
+            "ic_pattern": ic_pattern, "rows": rows}  # fmt: skip
 
 
 def table2_rich(results: dict[str, Any]) -> Table:
@@ -339,7 +343,8 @@ def table2_rich(results: dict[str, Any]) -> Table:
         derivative = f"--smooth {results['smooth']:g}, --engine {results['engine']}"
     table = Table(
         title=f"Table 2: ICCG iterations to eps = 1e-6 on the test tasks, cap {cap} "
-        f"({results['epochs']} epochs, {derivative})"
+        f"({results['epochs']} epochs, {derivative}, IC(0) on the "
+        f"{results.get('ic_pattern', 'values')} pattern)"
     )
     for name in ("Psi / training", "iterations", "convergence", "median alpha", "paper"):
         table.add_column(name, justify="left" if name == "Psi / training" else "right")

@@ -245,6 +245,7 @@ def test_reproduce_and_plot_reject_bad_options(tmp_path, invoke):
         ("reproduce", "table2", "--engine", "petsc"): "needs --smooth",
         ("reproduce", "table2", "--smooth", "-1"): "smooth must be positive",
         ("reproduce", "table2", "--smooth", "0.25", "--engine", "cuda"): "unknown engine",
+        ("reproduce", "table2", "--ic-pattern", "full"): "unknown ic_pattern 'full'",
         ("plot", tmp_path / "missing"): "does not exist",
         ("plot", tmp_path, "--tol", "2"): "tolerance",
         (

@@ -256,6 +256,7 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
     assert [row["label"] for row in table["rows"]] == ["base", "m=1"] and table["epochs"] == 1
+    assert table["ic_pattern"] == "stored"
     base = table["rows"][0]
     assert base["paper"] == [115.26, 0.864] and base["max_iterations"] == 243
     # Psi_base checked against PETSc: its shift is the smallest grid value at which ICC(0)
@@ -279,6 +280,19 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     # sides: reordering two products in torch's CG moved 5 of them.
     assert abs(base["convergence_ratio"] - reference.convergence_ratio) <= 0.01
     assert json.loads((tmp_path / "results.json").read_text()) == table
+
+
+def test_reproduce_table2_on_each_a_nonzeros(invoke):
+    result = invoke("reproduce", "table2", "--rows", "base", "--ic-pattern", "values",
+                    "--jobs", "1", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.stdout)
+    (row,) = table["rows"]
+    train = ElasticityIccg().tasks("train", 0)
+    assert table["ic_pattern"] == "values"
+    # Psi_base's shift tells the patterns apart: on the stored one IC(0) succeeds lower.
+    assert row["median_alpha"] == ElasticityIccg(ic_pattern="values").base_shift(train)
+    assert row["median_alpha"] > ElasticityIccg().base_shift(train)
 
 
 def test_reproduce_table2_trains_with_the_smoothed_slope_in_petsc(invoke):
