@@ -10,6 +10,7 @@ from femeta.workflow import (
     evaluate_metasolver,
     load_metasolver,
     monitor_cap,
+    resume_training,
     train_metasolver,
 )
 
@@ -101,3 +102,30 @@ def test_the_icf_penalty_weight_reaches_the_objective_and_the_saved_run(
     assert seen == [in_force]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     assert saved["gamma"] == in_force
+
+
+@pytest.mark.dolfinx
+def test_a_beam_checkpoint_saved_without_its_pattern_resumes_with_values(tmp_path, monkeypatch):
+    def stop_after_the_first_epoch(record):  # epoch 1 is checkpointed after its callback
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    options = TrainOptions(problem="elasticity", loss="m", m=1, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_metasolver(options, tmp_path, stop_after_the_first_epoch, checkpoint_seconds=0)
+    path = tmp_path / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["options"]["ic_pattern"] == "stored"
+    del saved["options"]["ic_pattern"]  # as saved before session 13
+    torch.save(saved, path)
+    patterns = []
+    real = ElasticityIccg.__post_init__
+
+    def spy(self):
+        patterns.append(self.ic_pattern)
+        real(self)
+
+    monkeypatch.setattr(ElasticityIccg, "__post_init__", spy)
+    experiment, _, result = resume_training(tmp_path, "elasticity")
+    assert experiment.ic_pattern == "values" and patterns == ["values"]
+    assert [record.epoch for record in result.history] == [1, 2]
