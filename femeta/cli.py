@@ -505,12 +505,12 @@ def table2_command(
         typer.Option(help="With --smooth: 'petsc' runs the training solves in PETSc."),
     ] = "torch",
     ic_pattern: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="IC(0)'s sparsity pattern in every row, as in `femeta train elasticity`; "
-            "'values' reproduces the tables measured before session 14."
+            "'values' reproduces the tables measured before session 14. [default: stored]"
         ),
-    ] = "stored",
+    ] = None,
     jobs: Jobs = 2,
     seed: TableSeed = 0,
     out: Annotated[Path | None, typer.Option(help="Directory for results.json.")] = None,
