@@ -167,13 +167,14 @@ def beam_model(tmp_path_factory, invoke):
 def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     out = tmp_path / "petsc"
     result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
-                    "--workers", "2", "--gamma", "2000", "--epochs", "1", "--no-monitor",
-                    "--device", "cpu", "--out", out)  # fmt: skip
+                    "--workers", "2", "--gamma", "2000", "--weight-decay", "0.1", "--epochs", "1",
+                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
     assert (options["engine"], options["smooth"], options["workers"]) == ("petsc", 0.25, 2)
     assert options["gamma"] == 2000.0
+    assert options["weight_decay"] == config["train_config"]["weight_decay"] == 0.1
     history = json.loads((out / "history.json").read_text())
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 
@@ -185,6 +186,7 @@ def test_train_elasticity_saves_the_paper_defaults(beam_model):
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
+    assert options["weight_decay"] == config["train_config"]["weight_decay"] == 0.0
     assert config["train_config"]["schedule"] == "steps"
 
 
