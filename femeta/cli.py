@@ -166,6 +166,14 @@ def train_command(
             "stored entries cancelled to exact zeros in the assembly. [default: stored]"
         ),
     ] = None,
+    inputs: Annotated[
+        str | None,
+        typer.Option(
+            help="elasticity only: what the network sees: 'paper', its seven features; "
+            "'invariant', only W and lambda/mu, the two numbers ICCG(alpha) depends on "
+            "(not in the paper). [default: paper]"
+        ),
+    ] = None,
     epochs: Annotated[
         int | None,
         typer.Option(help="Training epochs. [default: poisson1d 2500, others 200]"),
@@ -262,7 +270,7 @@ def train_command(
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
             "select": select, "engine": engine, "workers": workers, "gamma": gamma,
-            "ic_pattern": ic_pattern, "weight_decay": weight_decay,
+            "ic_pattern": ic_pattern, "inputs": inputs, "weight_decay": weight_decay,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

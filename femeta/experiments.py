@@ -56,6 +56,11 @@ _Solved = tuple[IccgResult, Tensor]
 _ShiftsSolver = Callable[[Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]]
 #: The sparsity patterns that the beams' IC(0) can keep (:class:`ElasticityIccg`).
 IC_PATTERNS = ("values", "stored")
+#: What Psi_nn of the beams sees (``ElasticityIccg.inputs``), described.
+BEAM_INPUTS = {
+    "paper": "W, lambda, mu, rho, ||A||_1, ||A||_inf, ||A||_F (log, standardised)",
+    "invariant": "W, lambda/mu (log, standardised): all that ICCG(alpha) depends on",
+}
 
 
 @dataclass
@@ -178,12 +183,17 @@ class ElasticityIccg:
     PETSc's ICC does in a FEniCS script. With ``"values"`` it keeps each ``A``'s
     nonzeros, and which of those entries cancelled exactly and which to rounding noise
     then moves the shift at which IC(0) fails, on slender beams by up to 1.4 decades.
+
+    Psi_nn sees the paper's seven features (``inputs="paper"``) or, with
+    ``"invariant"``, only ``W`` and ``lambda / mu``: ``A`` is linear in
+    ``(lambda, mu)`` and ``b`` in ``rho``, and a shift relative to ``diag(A)`` and
+    a relative residual make IC(0) and CG's iterations blind to the scale of
+    either, so the best shift is a function of those two numbers alone.
     """
 
     name: ClassVar[str] = "elasticity"
     solver_name: ClassVar[str] = "iccg"
     predicts: ClassVar[str] = "alpha, the diagonal shift of IC(0) relative to diag(A)"
-    features: ClassVar[str] = "W, lambda, mu, rho, ||A||_1, ||A||_inf, ||A||_F (log, standardised)"
     default_tol: ClassVar[float] = 1e-6
     #: The ICF penalty weight of §4.2.
     gamma: ClassVar[float] = 500.0
@@ -195,6 +205,8 @@ class ElasticityIccg:
     #: default since session 14); ``"values"``, the nonzeros of each task's ``A``
     #: (the default before, and what runs saved without the key used).
     ic_pattern: str = "stored"
+    #: Psi_nn's inputs: ``"paper"`` (the seven features) or ``"invariant"``.
+    inputs: str = "paper"
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
     _pattern: Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -210,7 +222,14 @@ class ElasticityIccg:
             raise ValueError(
                 f"unknown ic_pattern {self.ic_pattern!r}; expected one of {list(IC_PATTERNS)}"
             )
+        if self.inputs not in BEAM_INPUTS:
+            raise ValueError(f"unknown inputs {self.inputs!r}; expected one of {list(BEAM_INPUTS)}")
         self.problem = ElasticBeam(self.cells)
+
+    @property
+    def features(self) -> str:
+        """What Psi_nn sees."""
+        return BEAM_INPUTS[self.inputs]
 
     @property
     def pattern(self) -> Tensor | None:
@@ -229,7 +248,7 @@ class ElasticityIccg:
         return self.problem.n
 
     def params(self) -> dict[str, Any]:
-        return {"cells": list(self.cells), "ic_pattern": self.ic_pattern}
+        return {"cells": list(self.cells), "ic_pattern": self.ic_pattern, "inputs": self.inputs}
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         return self.problem.split(split, seed).to(self.device)
@@ -258,7 +277,14 @@ class ElasticityIccg:
         if kind == "best":
             return ShiftGrid(self.alpha_grid).to(self.device)
         if kind == "nn":
-            network = ShiftNet(len(ElasticBeam.feature_names), (128, 128))
+            names = ElasticBeam.feature_names
+            projection = None
+            if self.inputs == "invariant":  # log W and log lambda - log mu
+                projection = torch.zeros(2, len(names), dtype=torch.float64)
+                projection[0, names.index("W")] = 1.0
+                projection[1, names.index("lambda")] = 1.0
+                projection[1, names.index("mu")] = -1.0
+            network = ShiftNet(len(names), (128, 128), projection=projection)
             if train_tasks is not None:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)

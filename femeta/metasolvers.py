@@ -122,34 +122,55 @@ class ShiftGrid(nn.Module):
 class ShiftNet(nn.Module):
     """Psi_nn of §4.2 / Appendix C.3: task features to a diagonal shift ``alpha``.
 
-    The features (all positive) are taken in log space and standardised with
-    the statistics of the training tasks (:meth:`fit_inputs`; saved as
-    buffers). An MLP (ReLU) gives ``z`` and ``alpha = high * sigmoid(z)``, as in
-    the paper (``high = 1``). For small shifts ``log alpha ~ z + log high``, so the
-    network acts on a log scale, and the ICF penalty ``-log alpha`` keeps a slope
-    of one in ``z`` however small alpha gets. (Mapping the sigmoid onto a
+    The features (all positive) are taken in log space, mapped by ``projection``
+    ``(k, inputs)`` when given (linear combinations of the logs, i.e. products
+    and ratios of the features), and standardised with the statistics of the
+    training tasks (:meth:`fit_inputs`; saved as buffers). An MLP (ReLU) gives
+    ``z`` and ``alpha = high * sigmoid(z)``, as in the paper (``high = 1``). For
+    small shifts ``log alpha ~ z + log high``, so the network acts on a log scale,
+    and the ICF penalty ``-log alpha`` keeps a slope of one in ``z`` however small
+    alpha gets. (Mapping the sigmoid onto a
     bounded log range instead flattens that slope at the low end, where a
     failing task then stops pushing alpha up.)
     """
 
-    def __init__(self, inputs: int, hidden: Sequence[int] = (128, 128), high: float = 1.0):
+    def __init__(
+        self,
+        inputs: int,
+        hidden: Sequence[int] = (128, 128),
+        high: float = 1.0,
+        projection: Tensor | None = None,
+    ):
         super().__init__()
         if not (high > 0 and math.isfinite(high)):
             raise ValueError(f"high must be a positive finite number, got {high!r}")
-        self.network = MLP(inputs, hidden, 1, "relu")
+        if projection is not None and (projection.dim() != 2 or projection.shape[1] != inputs):
+            raise ValueError(
+                f"projection must have shape (k, {inputs}), got {tuple(projection.shape)}"
+            )
+        width = inputs if projection is None else projection.shape[0]
+        self.network = MLP(width, hidden, 1, "relu")
         self.register_buffer("high", torch.tensor(float(high), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(inputs, dtype=torch.float64))
-        self.register_buffer("scale", torch.ones(inputs, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(width, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(width, dtype=torch.float64))
+        # Rebuilt by whoever builds the network, so not saved with the weights.
+        if projection is not None:
+            projection = projection.to(torch.float64)
+        self.register_buffer("projection", projection, persistent=False)
+
+    def _logs(self, features: Tensor) -> Tensor:
+        logs = features.to(self.mean).log()
+        return logs if self.projection is None else logs @ self.projection.T
 
     @torch.no_grad()
     def fit_inputs(self, features: Tensor) -> None:
         """Set the standardisation from the training tasks' features ``(B, F)``."""
-        logs = features.to(self.mean).log()
+        logs = self._logs(features)
         self.mean.copy_(logs.mean(dim=0))
         self.scale.copy_(logs.std(dim=0).clamp_min(1e-12))
 
     def forward(self, features: Tensor) -> Tensor:
-        inputs = (features.log() - self.mean) / self.scale
+        inputs = (self._logs(features) - self.mean) / self.scale
         # The floor keeps alpha a valid shift where the sigmoid underflows.
         return self.high * torch.sigmoid(self.network(inputs)[:, 0]).clamp_min(1e-12)
 

@@ -41,12 +41,13 @@ class TrainOptions:
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
-    the paper's exact derivative) and ``gamma`` (the weight of the ICF penalty;
-    ``None``: the paper's 500) and ``ic_pattern`` (``None``: ``"stored"``) of
-    ``elasticity`` only; ``head``, ``sets`` and
-    ``guess_init`` of ``robertson`` only. ``weight_decay`` > 0 trains with AdamW's
-    decoupled weight decay instead of Adam (not in the paper). ``select`` keeps the epoch with the
-    lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
+    the paper's exact derivative), ``gamma`` (the weight of the ICF penalty;
+    ``None``: the paper's 500), ``ic_pattern`` (``None``: ``"stored"``) and
+    ``inputs`` (``None``: ``"paper"``) of ``elasticity`` only; ``head``, ``sets``
+    and ``guess_init`` of ``robertson`` only. ``weight_decay`` > 0 trains with
+    AdamW's decoupled weight decay instead of Adam (not in the paper). ``select``
+    keeps the epoch with the lowest validation loss (the paper) or, with
+    ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
     training, validation and monitor solves of ``elasticity`` with ``smooth`` in
     PETSc (evaluation stays in torch) over ``workers`` processes; ``workers``
@@ -74,6 +75,7 @@ class TrainOptions:
     workers: int = 1
     gamma: float | None = None
     ic_pattern: str | None = None
+    inputs: str | None = None
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class TrainOptions:
             required = name in ("gain", "weight_decay")
             if isinstance(value, bool | str) or (value is None and required):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("head", "guess_init", "ic_pattern"):
+        for name in ("head", "guess_init", "ic_pattern", "inputs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
@@ -143,7 +145,8 @@ def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
     given = {"p": options.p, "head": options.head, "sets": options.sets,
-             "guess_init": options.guess_init, "ic_pattern": options.ic_pattern}  # fmt: skip
+             "guess_init": options.guess_init, "ic_pattern": options.ic_pattern,
+             "inputs": options.inputs}  # fmt: skip
     params = {name: value for name, value in given.items() if value is not None}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
@@ -229,6 +232,7 @@ def _train(
         guess_init=experiment.params().get("guess_init"),
         sets=experiment.params().get("sets"),
         ic_pattern=experiment.params().get("ic_pattern"),
+        inputs=experiment.params().get("inputs"),
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,

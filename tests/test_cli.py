@@ -167,14 +167,18 @@ def beam_model(tmp_path_factory, invoke):
 def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     out = tmp_path / "petsc"
     result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
-                    "--workers", "2", "--gamma", "2000", "--weight-decay", "0.1", "--epochs", "1",
-                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+                    "--workers", "2", "--gamma", "2000", "--weight-decay", "0.1",
+                    "--inputs", "invariant", "--epochs", "1", "--no-monitor", "--device", "cpu",
+                    "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
     assert (options["engine"], options["smooth"], options["workers"]) == ("petsc", 0.25, 2)
     assert options["gamma"] == 2000.0
     assert options["weight_decay"] == config["train_config"]["weight_decay"] == 0.1
+    assert options["inputs"] == config["problem_params"]["inputs"] == "invariant"
+    assert config["features"].startswith("W, lambda/mu")
+    assert load_metasolver(out, "elasticity")[1].mean.shape == (2,)
     history = json.loads((out / "history.json").read_text())
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 
@@ -182,7 +186,8 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
-    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "stored"}
+    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "stored",
+                                        "inputs": "paper"}  # fmt: skip
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0

@@ -179,6 +179,43 @@ def test_shift_net_standardises_its_inputs_and_keeps_the_penalty_slope(experimen
     torch.testing.assert_close(restored(tasks["features"]), network(tasks["features"]))
 
 
+@needs_dolfinx
+def test_invariant_inputs_see_only_what_the_solve_depends_on(tasks):
+    from femeta.problems.elasticity import ElasticBeam
+
+    invariant, paper = ElasticityIccg(inputs="invariant"), ElasticityIccg()
+    # The premise: scaling lambda and mu together, or rho, moves no iteration. Powers of
+    # two scale A and b exactly, so the counts must agree exactly.
+    params = tasks["features"][:, :4]
+    scaled = params * torch.tensor([1.0, 4.0, 4.0, 0.25], dtype=torch.float64)
+    beam = ElasticBeam(cache=False)
+    (A, b), (A_scaled, b_scaled) = beam.assemble(params), beam.assemble(scaled)
+    for alpha in (1e-3, 0.1):
+        first, second = (
+            iccg(A_, b_, alpha, tol=1e-6, max_iterations=243, pattern=invariant.pattern)
+            for A_, b_ in ((A, b), (A_scaled, b_scaled))
+        )
+        assert torch.equal(first.iterations, second.iterations)
+        assert torch.equal(first.factorization_failed, second.factorization_failed)
+    # ... and the invariant network cannot tell such tasks apart; the paper's can.
+    features = tasks["features"] * torch.tensor(
+        [1.0, 4.0, 4.0, 0.25, 4.0, 4.0, 4.0], dtype=torch.float64
+    )
+    torch.manual_seed(0)
+    network = invariant.metasolver("nn", tasks)
+    assert network.mean.shape == (2,)
+    torch.testing.assert_close(network(features), network(tasks["features"]))
+    other = paper.metasolver("nn", tasks)
+    assert not torch.allclose(other(features), other(tasks["features"]))
+    restored = invariant.metasolver("nn")  # the projection is rebuilt, not loaded
+    restored.load_state_dict(network.state_dict())
+    torch.testing.assert_close(restored(features), network(features))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        paper.metasolver("nn").load_state_dict(network.state_dict())
+    with pytest.raises(ValueError, match="unknown inputs 'all'"):
+        ElasticityIccg(inputs="all")
+
+
 def test_paper_training_defaults():
     config = ElasticityIccg().train_config(None, None, None, seed=3)
     assert (config.epochs, config.batch_size, config.lr) == (200, 128, 1e-3)
@@ -194,7 +231,7 @@ def test_stored_ic_pattern_reaches_every_solve(tasks):
     from femeta.problems.elasticity import ElasticBeam
 
     stored = ElasticityIccg()
-    assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored"}
+    assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored", "inputs": "paper"}
     assert ElasticityIccg(ic_pattern="values").pattern is None
     pattern = ElasticBeam(cache=False).stored_pattern()
     psi = LogShift(3e-3)
