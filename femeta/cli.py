@@ -233,13 +233,6 @@ def train_command(
             "e.g. the number of cores; the results do not depend on it. [default: 1]"
         ),
     ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(
-            help="Train with AdamW's decoupled weight decay of this rate instead of Adam "
-            "(not in the paper), e.g. 0.1. [default: 0, Adam]"
-        ),
-    ] = None,
     select: Annotated[
         str | None,
         typer.Option(
@@ -270,7 +263,7 @@ def train_command(
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
             "select": select, "engine": engine, "workers": workers, "gamma": gamma,
-            "ic_pattern": ic_pattern, "inputs": inputs, "weight_decay": weight_decay,
+            "ic_pattern": ic_pattern, "inputs": inputs,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:

@@ -32,8 +32,6 @@ class TrainConfig:
     ``schedule="steps"`` does so at each epoch in ``milestones`` (C.2, C.3).
     ``select`` says which epoch's weights are kept: the lowest validation loss
     (the paper), or the fewest mean validation iterations (needs a monitor).
-    ``weight_decay`` > 0 trains with AdamW's decoupled decay of that rate
-    instead of Adam (not in the paper).
     """
 
     epochs: int = 2500
@@ -46,7 +44,6 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     seed: int = 0
     select: Literal["loss", "iterations"] = "loss"
-    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -61,10 +58,6 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'plateau' or 'steps', got {self.schedule!r}")
         if self.select not in ("loss", "iterations"):
             raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(
-                f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -129,13 +122,7 @@ def train(
         raise ValueError("select='iterations' needs a monitor of the validation iterations")
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
-    if config.weight_decay > 0:
-        optimizer = torch.optim.AdamW(
-            metasolver.parameters(), lr=config.lr, betas=config.betas,
-            weight_decay=config.weight_decay,
-        )  # fmt: skip
-    else:
-        optimizer = torch.optim.Adam(metasolver.parameters(), lr=config.lr, betas=config.betas)
+    optimizer = torch.optim.Adam(metasolver.parameters(), lr=config.lr, betas=config.betas)
     if config.schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=config.factor, patience=config.patience

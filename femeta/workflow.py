@@ -44,10 +44,8 @@ class TrainOptions:
     the paper's exact derivative), ``gamma`` (the weight of the ICF penalty;
     ``None``: the paper's 500), ``ic_pattern`` (``None``: ``"stored"``) and
     ``inputs`` (``None``: ``"paper"``) of ``elasticity`` only; ``head``, ``sets``
-    and ``guess_init`` of ``robertson`` only. ``weight_decay`` > 0 trains with
-    AdamW's decoupled weight decay instead of Adam (not in the paper). ``select``
-    keeps the epoch with the lowest validation loss (the paper) or, with
-    ``"iterations"``, the fewest mean
+    and ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
+    lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
     training, validation and monitor solves of ``elasticity`` with ``smooth`` in
     PETSc (evaluation stays in torch) over ``workers`` processes; ``workers``
@@ -76,7 +74,6 @@ class TrainOptions:
     gamma: float | None = None
     ic_pattern: str | None = None
     inputs: str | None = None
-    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
@@ -85,10 +82,9 @@ class TrainOptions:
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("tol", "p", "gain", "lr", "clip", "smooth", "gamma", "weight_decay"):
+        for name in ("tol", "p", "gain", "lr", "clip", "smooth", "gamma"):
             value = getattr(self, name)
-            required = name in ("gain", "weight_decay")
-            if isinstance(value, bool | str) or (value is None and required):
+            if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         for name in ("head", "guess_init", "ic_pattern", "inputs"):
             value = getattr(self, name)
@@ -124,10 +120,6 @@ class TrainOptions:
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
         if self.clip is not None and self.smooth is not None:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(
-                f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
-            )
 
 
 def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
@@ -222,7 +214,7 @@ def _train(
         )
     experiment = build_experiment(options, device)
     config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
-    config = replace(config, select=options.select, weight_decay=options.weight_decay)
+    config = replace(config, select=options.select)
     options = replace(
         options,
         m=experiment.default_m(options.loss) if options.m is None else options.m,
