@@ -169,9 +169,10 @@ def train_command(
     inputs: Annotated[
         str | None,
         typer.Option(
-            help="elasticity only: what the network sees: 'paper', its seven features; "
-            "'invariant', only W and lambda/mu, the two numbers ICCG(alpha) depends on "
-            "(not in the paper). [default: paper]"
+            help="elasticity only: what the network sees: 'invariant', only W and "
+            "lambda/mu, the two numbers ICCG(alpha) depends on (not in the paper); 'paper', "
+            "its seven features, which let it learn the training beams by heart. "
+            "[default: invariant]"
         ),
     ] = None,
     epochs: Annotated[

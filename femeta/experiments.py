@@ -184,11 +184,13 @@ class ElasticityIccg:
     nonzeros, and which of those entries cancelled exactly and which to rounding noise
     then moves the shift at which IC(0) fails, on slender beams by up to 1.4 decades.
 
-    Psi_nn sees the paper's seven features (``inputs="paper"``) or, with
-    ``"invariant"``, only ``W`` and ``lambda / mu``: ``A`` is linear in
-    ``(lambda, mu)`` and ``b`` in ``rho``, and a shift relative to ``diag(A)`` and
+    Psi_nn sees only ``W`` and ``lambda / mu`` (``inputs="invariant"``, the default
+    since session 15) or the paper's seven features (``"paper"``): ``A`` is linear
+    in ``(lambda, mu)`` and ``b`` in ``rho``, and a shift relative to ``diag(A)`` and
     a relative residual make IC(0) and CG's iterations blind to the scale of
-    either, so the best shift is a function of those two numbers alone.
+    either, so the best shift is a function of those two numbers alone. With the
+    paper's features the network can also tell apart beams that are the same
+    problem, and learns the training beams' failure shifts by heart.
     """
 
     name: ClassVar[str] = "elasticity"
@@ -205,8 +207,9 @@ class ElasticityIccg:
     #: default since session 14); ``"values"``, the nonzeros of each task's ``A``
     #: (the default before, and what runs saved without the key used).
     ic_pattern: str = "stored"
-    #: Psi_nn's inputs: ``"paper"`` (the seven features) or ``"invariant"``.
-    inputs: str = "paper"
+    #: Psi_nn's inputs: ``"invariant"`` (W and lambda/mu; the default since session 15)
+    #: or ``"paper"`` (the seven features; what runs saved without the key used).
+    inputs: str = "invariant"
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
     _pattern: Tensor | None = field(default=None, init=False, repr=False, compare=False)

@@ -283,7 +283,7 @@ def _run_table2_row(
         m = row.get("m", cap)  # the surrogate trains with the cap it is tested with
         options = TrainOptions(problem="elasticity", loss=row["loss"], m=m, tol=1e-6,
                                epochs=epochs, seed=seed, smooth=smooth, engine=engine,
-                               ic_pattern=ic_pattern)  # fmt: skip
+                               ic_pattern=ic_pattern, inputs="paper")  # fmt: skip
         experiment, metasolver, _ = train_metasolver(options)
     stats = evaluate_metasolver(experiment, metasolver, 1e-6, seed, cap)
     alpha = None

@@ -43,7 +43,7 @@ class TrainOptions:
     ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
     the paper's exact derivative), ``gamma`` (the weight of the ICF penalty;
     ``None``: the paper's 500), ``ic_pattern`` (``None``: ``"stored"``) and
-    ``inputs`` (``None``: ``"paper"``) of ``elasticity`` only; ``head``, ``sets``
+    ``inputs`` (``None``: ``"invariant"``) of ``elasticity`` only; ``head``, ``sets``
     and ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
     lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
     validation iterations, which needs the monitor. ``engine="petsc"`` runs the
@@ -186,7 +186,9 @@ def resume_training(
         raise RunError(f"{path} does not exist; only a run started with --out can be resumed")
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
-        options = TrainOptions(**_saved_pattern(saved["options"].get("problem"), saved["options"]))
+        options = TrainOptions(
+            **_saved_beam_options(saved["options"].get("problem"), saved["options"])
+        )
     except Exception as err:  # a truncated or foreign file fails in many ways
         raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
     if options.problem != problem:
@@ -318,7 +320,7 @@ def load_metasolver(
     """
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
-    params = _saved_pattern(problem, config.get("problem_params", {}))
+    params = _saved_beam_options(problem, config.get("problem_params", {}))
     given = (("p", p), ("sets", sets), ("ic_pattern", ic_pattern))
     overrides = {name: value for name, value in given if value is not None}
     for name, owner in (("p", "poisson1d"), ("sets", "robertson"), ("ic_pattern", "elasticity")):
@@ -340,15 +342,18 @@ def load_metasolver(
     return experiment, metasolver
 
 
-def _saved_pattern(problem: str | None, saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` (options or problem parameters of a run), with its beams' IC(0) pattern.
+def _saved_beam_options(problem: str | None, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (options or problem parameters of a run), with the beam defaults it used.
 
-    Beam runs saved before they recorded the pattern (before session 14's default
-    ``"stored"``) used each ``A``'s nonzeros: they say ``"values"`` here.
+    Beam runs saved before they recorded IC(0)'s pattern (session 14's default
+    ``"stored"``) used each ``A``'s nonzeros, and those saved before they recorded
+    the network's inputs (session 15's default ``"invariant"``) the paper's features.
     """
-    if problem == "elasticity" and saved.get("ic_pattern") is None:
-        return {**saved, "ic_pattern": "values"}
-    return dict(saved)
+    if problem != "elasticity":
+        return dict(saved)
+    return {"ic_pattern": "values", "inputs": "paper"} | {
+        name: value for name, value in saved.items() if value is not None
+    }
 
 
 def baseline_metasolver(experiment: Any, kind: str, seed: int = 0) -> nn.Module:

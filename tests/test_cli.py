@@ -168,16 +168,22 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     out = tmp_path / "petsc"
     result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
                     "--workers", "2", "--gamma", "2000",
-                    "--inputs", "invariant", "--epochs", "1", "--no-monitor", "--device", "cpu",
+                    "--inputs", "paper", "--epochs", "1", "--no-monitor", "--device", "cpu",
                     "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
     assert (options["engine"], options["smooth"], options["workers"]) == ("petsc", 0.25, 2)
     assert options["gamma"] == 2000.0
-    assert options["inputs"] == config["problem_params"]["inputs"] == "invariant"
-    assert config["features"].startswith("W, lambda/mu")
-    assert load_metasolver(out, "elasticity")[1].mean.shape == (2,)
+    assert options["inputs"] == config["problem_params"]["inputs"] == "paper"
+    assert config["features"].startswith("W, lambda, mu, rho")
+    assert load_metasolver(out, "elasticity")[1].mean.shape == (7,)
+    # Runs saved before session 15 lack the key; they used the paper's features.
+    for part in ("problem_params", "options"):
+        del config[part]["inputs"]
+    (out / "config.json").write_text(json.dumps(config))
+    experiment, network = load_metasolver(out, "elasticity")
+    assert experiment.inputs == "paper" and network.mean.shape == (7,)
     history = json.loads((out / "history.json").read_text())
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 
@@ -186,7 +192,7 @@ def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
     assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "stored",
-                                        "inputs": "paper"}  # fmt: skip
+                                        "inputs": "invariant"}  # fmt: skip
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
