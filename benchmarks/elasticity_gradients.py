@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from femeta.experiments import ElasticityIccg
 from femeta.losses import iteration_surrogate
-from femeta.runs import load_run
 from femeta.solvers.iccg import iccg
+from femeta.workflow import TrainOptions, _saved_beam_options, build_experiment, load_metasolver
 
 
 class _Shifts(nn.Module):
@@ -58,19 +57,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    experiment = ElasticityIccg()
     if args.run.is_dir():
-        _, state = load_run(args.run, "elasticity")
+        experiment, metasolver = load_metasolver(args.run, "elasticity")
     else:
-        state = torch.load(args.run, weights_only=True)["trainer"]["model"]
-    metasolver = experiment.metasolver("nn")
-    metasolver.load_state_dict(state)
+        saved = torch.load(args.run, weights_only=True)
+        options = TrainOptions(**_saved_beam_options("elasticity", saved["options"]))
+        experiment = build_experiment(options, "cpu")
+        metasolver = experiment.metasolver("nn")
+        metasolver.load_state_dict(saved["trainer"]["model"])
     tasks = experiment.tasks("train", 0).subset(slice(0, args.tasks))
     with torch.no_grad():
         alpha = metasolver(tasks["features"])
     log_alpha = alpha.log().requires_grad_()
     cap = experiment.evaluation_cap
-    result = iccg(tasks["A"], tasks["b"], log_alpha.exp(), tol=args.tol, max_iterations=cap)
+    result = iccg(tasks["A"], tasks["b"], log_alpha.exp(), tol=args.tol, max_iterations=cap,
+                  pattern=experiment.pattern)  # fmt: skip
     (grad,) = torch.autograd.grad(iteration_surrogate(result, args.tol).sum(), log_alpha)
     ok = ~result.factorization_failed
     print(f"{len(tasks)} training beams, tol {args.tol:g}, cap {cap}")

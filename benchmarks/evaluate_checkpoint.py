@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from femeta.workflow import TrainOptions, build_experiment, evaluate_metasolver
+from femeta.workflow import (
+    TrainOptions,
+    _saved_beam_options,
+    build_experiment,
+    evaluate_metasolver,
+)
 
 
 def main() -> None:
@@ -30,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     saved = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
-    options = TrainOptions(**saved["options"])
+    options = TrainOptions(**_saved_beam_options(saved["options"].get("problem"), saved["options"]))
     trainer = saved["trainer"]
     experiment = build_experiment(options, "cpu")
     metasolver = experiment.metasolver("nn")
