@@ -129,9 +129,8 @@ class ShiftNet(nn.Module):
     ``z`` and ``alpha = high * sigmoid(z)``, as in the paper (``high = 1``). For
     small shifts ``log alpha ~ z + log high``, so the network acts on a log scale,
     and the ICF penalty ``-log alpha`` keeps a slope of one in ``z`` however small
-    alpha gets. (Mapping the sigmoid onto a
-    bounded log range instead flattens that slope at the low end, where a
-    failing task then stops pushing alpha up.)
+    alpha gets. (Mapping the sigmoid onto a bounded log range instead flattens
+    that slope at the low end, where a failing task then stops pushing alpha up.)
     """
 
     def __init__(

@@ -319,6 +319,7 @@ def run_table2(
     (see :meth:`~femeta.experiments.ElasticityIccg.objective`); ``None`` and
     ``"torch"`` are the paper's exact derivative. ``ic_pattern`` is IC(0)'s
     sparsity pattern in every row (``None``: :class:`~femeta.experiments.ElasticityIccg`'s).
+    Every trained row's network reads the paper's seven features (``inputs="paper"``).
     """
     from femeta.experiments import get_experiment
 
@@ -334,7 +335,7 @@ def run_table2(
     settings = (epochs, seed, max_iterations, smooth, engine, ic_pattern)
     rows = _run_rows(_run_table2_row, grid, order, jobs, advance, *settings)
     return {"epochs": epochs, "seed": seed, "tol": 1e-6, "smooth": smooth, "engine": engine,
-            "ic_pattern": ic_pattern, "rows": rows}  # fmt: skip
+            "ic_pattern": ic_pattern, "inputs": "paper", "rows": rows}  # fmt: skip
 
 
 def table2_rich(results: dict[str, Any]) -> Table:

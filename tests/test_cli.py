@@ -267,7 +267,7 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
     assert [row["label"] for row in table["rows"]] == ["base", "m=1"] and table["epochs"] == 1
-    assert table["ic_pattern"] == "stored"
+    assert table["ic_pattern"] == "stored" and table["inputs"] == "paper"
     base = table["rows"][0]
     assert base["paper"] == [115.26, 0.864] and base["max_iterations"] == 243
     # Psi_base checked against PETSc: its shift is the smallest grid value at which ICC(0)
