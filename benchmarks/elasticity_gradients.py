@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from femeta.losses import iteration_surrogate
 from femeta.solvers.iccg import iccg
-from femeta.workflow import TrainOptions, _saved_beam_options, build_experiment, load_metasolver
+from femeta.workflow import build_experiment, load_metasolver, read_checkpoint
 
 
 class _Shifts(nn.Module):
@@ -60,11 +60,10 @@ def main() -> None:
     if args.run.is_dir():
         experiment, metasolver = load_metasolver(args.run, "elasticity")
     else:
-        saved = torch.load(args.run, weights_only=True)
-        options = TrainOptions(**_saved_beam_options("elasticity", saved["options"]))
+        options, trainer = read_checkpoint(args.run)
         experiment = build_experiment(options, "cpu")
         metasolver = experiment.metasolver("nn")
-        metasolver.load_state_dict(saved["trainer"]["model"])
+        metasolver.load_state_dict(trainer["model"])
     tasks = experiment.tasks("train", 0).subset(slice(0, args.tasks))
     with torch.no_grad():
         alpha = metasolver(tasks["features"])

@@ -18,12 +18,7 @@ from pathlib import Path
 
 import torch
 
-from femeta.workflow import (
-    TrainOptions,
-    _saved_beam_options,
-    build_experiment,
-    evaluate_metasolver,
-)
+from femeta.workflow import build_experiment, evaluate_metasolver, read_checkpoint
 
 
 def main() -> None:
@@ -34,9 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    saved = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
-    options = TrainOptions(**_saved_beam_options(saved["options"].get("problem"), saved["options"]))
-    trainer = saved["trainer"]
+    options, trainer = read_checkpoint(args.checkpoint)
     experiment = build_experiment(options, "cpu")
     metasolver = experiment.metasolver("nn")
     metasolver.load_state_dict(trainer["best_state"])

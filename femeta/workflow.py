@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_metasolver",
     "load_metasolver",
     "monitor_cap",
+    "read_checkpoint",
     "resume_training",
     "train_metasolver",
 ]
@@ -184,20 +185,27 @@ def resume_training(
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise RunError(f"{path} does not exist; only a run started with --out can be resumed")
-    try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        options = TrainOptions(
-            **_saved_beam_options(saved["options"].get("problem"), saved["options"])
-        )
-    except Exception as err:  # a truncated or foreign file fails in many ways
-        raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
+    options, trainer = read_checkpoint(path)
     if options.problem != problem:
         raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
     if workers is not None:
         options = replace(options, workers=workers)
     return _train(
-        options, run_dir, on_epoch, checkpoint_seconds, saved["trainer"], monitor_iterations, device
+        options, run_dir, on_epoch, checkpoint_seconds, trainer, monitor_iterations, device
     )
+
+
+def read_checkpoint(path: Path) -> tuple[TrainOptions, dict[str, Any]]:
+    """The options and the trainer's state (weights, best weights, optimiser, history)
+    of an interrupted run's ``checkpoint.pt``."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        options = TrainOptions(
+            **_saved_beam_options(saved["options"].get("problem"), saved["options"])
+        )
+        return options, saved["trainer"]
+    except Exception as err:  # a truncated or foreign file fails in many ways
+        raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
 
 
 def _train(
