@@ -4,19 +4,25 @@ A beam's ICCG iteration count depends only on W and lambda/mu: scaling A by a
 constant changes nothing in exact arithmetic (the shift is relative, the
 tolerance too). On the slender, ill-conditioned beams, rounding alone still
 moves CG by several iterations, and Psi_best, the minimum over 31 shifts per
-task, picks the luckiest. This script finds Psi_best's shift per test task on
-the test beams, then solves the same tasks with A scaled by ``--scale`` (an
-equivalent copy whose entries round differently) at those shifts: the mean there is what the
-per-task best shift achieves without the selection on rounding.
+task, picks the luckiest. This script finds Psi_best's shift per test task,
+then solves the same tasks again at those shifts, as they are and with A
+scaled by each of ``--scales`` (equivalent copies whose entries round
+differently). Those solves give what the per-task best shift achieves without
+the selection on rounding. Each ``--model`` is solved on the same copies, at
+the shifts it predicts for the beams (a model reads a beam's features, not the
+scaled matrix: the copy is the same beam), so the two compare on rounding
+neither was selected on.
 
-Run: python benchmarks/elasticity_best_bias.py [--cap 243] [--scale 7] [--threads 1]
-[--ic-pattern stored|values] (default: femeta's, ``stored`` since session 14)
+Run: python benchmarks/elasticity_best_bias.py [--cap 243] [--scales 7 ...]
+[--model RUN_DIR ...] [--threads 1] [--ic-pattern stored|values]
+(default pattern: femeta's, ``stored`` since session 14)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +30,7 @@ import torch
 from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment
 from femeta.solvers.iccg import iccg
+from femeta.workflow import load_metasolver
 
 
 def counts(
@@ -34,15 +41,16 @@ def counts(
     return IterationStats.from_result(result, tol, cap)
 
 
-def _summary(stats: IterationStats) -> str:
-    return f"mean {stats.mean_iterations:.2f}, convergence {stats.convergence_ratio:.3f}"
+def _cell(stats: IterationStats) -> str:
+    return f"{stats.mean_iterations:7.2f} / {stats.convergence_ratio:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=243)
     parser.add_argument("--tol", type=float, default=1e-6)
-    parser.add_argument("--scale", type=float, default=7.0)
+    parser.add_argument("--scales", type=float, nargs="+", default=[7.0])
+    parser.add_argument("--model", type=Path, action="append", default=[])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ic-pattern", default=None, help="default: femeta's")
     args = parser.parse_args()
@@ -60,23 +68,32 @@ def main() -> None:
     chosen = grid[best.indices]  # the first minimum: ties go to the smaller shift
     converged = np.stack([run.converged for run in runs]).any(axis=0)
     best_stats = IterationStats(best.values.numpy(), converged, args.tol, args.cap)
-    again = counts(args.scale * A, b, chosen, args.tol, args.cap, pattern)
-    same = counts(A, b, chosen, args.tol, args.cap, pattern)
+    shifts = {"Psi_best's shifts": chosen}
+    base = experiment.base_shift(experiment.tasks("train", 0))
+    shifts["Psi_base"] = torch.full_like(chosen, base)
+    for run in args.model:
+        model_experiment, model = load_metasolver(
+            run, "elasticity", ic_pattern=experiment.ic_pattern
+        )
+        with torch.no_grad():
+            shifts[str(run)] = model(model_experiment.tasks("test", 0)["features"])
     print(f"{len(tasks)} test beams, tol {args.tol:g}, cap {args.cap}, "
-          f"IC(0) pattern {experiment.ic_pattern!r}, "
-          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
-    print(f"Psi_best (min over {len(grid)} shifts):            {_summary(best_stats)}")
-    print(f"its shifts, the same beams solved again:      {_summary(same)}")
-    print(f"its shifts, the beams with A scaled by {args.scale:g}:    {_summary(again)}")
-    shift = experiment.base_shift(experiment.tasks("train", 0))
-    base = counts(A, b, shift, args.tol, args.cap, pattern)
-    base_again = counts(args.scale * A, b, shift, args.tol, args.cap, pattern)
-    print(f"Psi_base (alpha {shift:.3g}), the beams:       {_summary(base)}")
-    print(f"Psi_base, the scaled copy:                    {_summary(base_again)}")
-    moved = (again.iterations != best_stats.iterations) & (best_stats.iterations < args.cap)
-    change = (again.iterations - best_stats.iterations).mean()
-    print(f"tasks whose count moved on the copy: {int(moved.sum())} of {len(tasks)}; "
-          f"mean change {change:+.2f}")  # fmt: skip
+          f"IC(0) pattern {experiment.ic_pattern!r}, Psi_base alpha {base:.3g}")  # fmt: skip
+    print(f"Psi_best (min over {len(grid)} shifts): {_cell(best_stats)}  (mean / convergence)")
+    scales = [1.0, *args.scales]
+    width = max(len(name) for name in shifts)
+    print(f"{'A scaled by':<{width}}" + "".join(f"  {s:>16g}" for s in scales))
+    ratios = {}
+    for name, alpha in shifts.items():
+        solved = [counts(s * A, b, alpha, args.tol, args.cap, pattern) for s in scales]
+        ratios[name] = np.array([stats.convergence_ratio for stats in solved])
+        print(f"{name:<{width}}" + "".join(f"  {_cell(stats):>16}" for stats in solved))
+    reference = ratios["Psi_best's shifts"]
+    for run in args.model:
+        gap = ratios[str(run)] - reference
+        print(f"{run}: convergence minus Psi_best's shifts', per copy: "
+              + " ".join(f"{g:+.3f}" for g in gap) + f"; median {np.median(gap):+.3f}")  # fmt: skip
+    print(f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
