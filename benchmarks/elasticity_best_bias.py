@@ -61,6 +61,18 @@ def main() -> None:
     pattern = experiment.pattern
     tasks = experiment.tasks("test", 0)
     A, b = tasks["A"], tasks["b"]
+    models = {}
+    for run in args.model:  # before the long grid solves, so that a wrong run fails first
+        model_experiment, model = load_metasolver(run, "elasticity")
+        theirs = {k: v for k, v in model_experiment.params().items() if k != "inputs"}
+        ours = {k: v for k, v in experiment.params().items() if k != "inputs"}
+        if theirs != ours:
+            parser.error(
+                f"{run} was trained on other beams or another IC(0) pattern ({theirs}); "
+                f"this comparison uses {ours} (--ic-pattern sets the pattern)"
+            )
+        with torch.no_grad():
+            models[str(run)] = model(model_experiment.tasks("test", 0)["features"])
     grid = experiment.alpha_grid
     runs = [counts(A, b, alpha, args.tol, args.cap, pattern) for alpha in grid.tolist()]
     table = torch.stack([torch.from_numpy(run.iterations) for run in runs])
@@ -71,12 +83,7 @@ def main() -> None:
     shifts = {"Psi_best's shifts": chosen}
     base = experiment.base_shift(experiment.tasks("train", 0))
     shifts["Psi_base"] = torch.full_like(chosen, base)
-    for run in args.model:
-        model_experiment, model = load_metasolver(
-            run, "elasticity", ic_pattern=experiment.ic_pattern
-        )
-        with torch.no_grad():
-            shifts[str(run)] = model(model_experiment.tasks("test", 0)["features"])
+    shifts |= models
     print(f"{len(tasks)} test beams, tol {args.tol:g}, cap {args.cap}, "
           f"IC(0) pattern {experiment.ic_pattern!r}, Psi_base alpha {base:.3g}")  # fmt: skip
     print(f"Psi_best (min over {len(grid)} shifts): {_cell(best_stats)}  (mean / convergence)")
