@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ic-pattern", default=None, help="default: femeta's")
     args = parser.parse_args()
+    if not all(0 < scale < float("inf") for scale in args.scales):
+        parser.error(f"--scales must be positive and finite, got {args.scales}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     given = {} if args.ic_pattern is None else {"ic_pattern": args.ic_pattern}
