@@ -29,6 +29,7 @@ import torch
 
 from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment
+from femeta.runs import RunError
 from femeta.solvers.iccg import iccg
 from femeta.workflow import load_metasolver
 
@@ -65,7 +66,10 @@ def main() -> None:
     A, b = tasks["A"], tasks["b"]
     models = {}
     for run in args.model:  # before the long grid solves, so that a wrong run fails first
-        model_experiment, model = load_metasolver(run, "elasticity")
+        try:
+            model_experiment, model = load_metasolver(run, "elasticity")
+        except RunError as err:
+            parser.error(str(err))
         theirs = {k: v for k, v in model_experiment.params().items() if k != "inputs"}
         ours = {k: v for k, v in experiment.params().items() if k != "inputs"}
         if theirs != ours:
