@@ -15,7 +15,7 @@ neither was selected on.
 
 Run: python benchmarks/elasticity_best_bias.py [--cap 243] [--scales 7 ...]
 [--model RUN_DIR ...] [--threads 1] [--ic-pattern stored|values]
-(default pattern: femeta's, ``stored`` since session 14)
+(default pattern: femeta's, ``stored``)
 """
 
 from __future__ import annotations

@@ -516,8 +516,8 @@ def table2_command(
     ic_pattern: Annotated[
         str | None,
         typer.Option(
-            help="IC(0)'s sparsity pattern in every row, as in `femeta train elasticity`; "
-            "'values' reproduces the tables measured before session 14. [default: stored]"
+            help="IC(0)'s sparsity pattern in every row, 'stored' or 'values', as in "
+            "`femeta train elasticity`. [default: stored]"
         ),
     ] = None,
     jobs: Jobs = 2,

@@ -212,7 +212,7 @@ class NewtonSorNet(nn.Module):
     and biases at zero, so that training starts from ``y_n``, as the bias of -1
     starts ``r`` near 1.27; ``"default"`` keeps PyTorch's initialisation, under
     which the first guesses are ``y_n`` scaled by random factors in
-    ``(1/e, e)``: worse than ``y_n`` (BENCHMARKS.md, Table 1).
+    ``(1/e, e)``: worse than ``y_n`` (docs/results.md, Table 1).
     """
 
     heads = ("ini", "relax", "both")

@@ -255,7 +255,7 @@ def _safe_gradient(metasolver: nn.Module) -> bool:
     the limit of its dtype (about 1e20 in float32) can make that mean infinite
     for good, and the weight it belongs to never moves again: derivatives
     through near-chaotic solves froze a fifth of Psi_relax's weights this way
-    (BENCHMARKS.md, Table 1).
+    (docs/results.md, Table 1).
     """
     return all(
         bool(torch.isfinite(p.grad.square()).all())

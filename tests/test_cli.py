@@ -178,7 +178,7 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     assert options["inputs"] == config["problem_params"]["inputs"] == "paper"
     assert config["features"].startswith("W, lambda, mu, rho")
     assert load_metasolver(out, "elasticity")[1].mean.shape == (7,)
-    # Runs saved before session 15 lack the key; they used the paper's features.
+    # Runs saved without the key used the paper's features.
     for part in ("problem_params", "options"):
         del config[part]["inputs"]
     (out / "config.json").write_text(json.dumps(config))

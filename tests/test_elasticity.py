@@ -111,7 +111,7 @@ def test_stocky_tip_deflection_is_close_to_beam_theory(beam):
 def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
     # lambda and mu scale A's free block together, rho scales b: with a relative shift and a
     # relative tolerance the ICCG run is the same (exactly so here, on a stout beam, where
-    # rounding does not move CG; slender beams differ by a few iterations, see BENCHMARKS.md).
+    # rounding does not move CG; slender beams differ by a few iterations, see docs/results.md).
     width, lam, mu, rho = 0.1, 0.3, 3.0, 5.0
     scales = ((1.0, 1.0), (7.0, 1.0), (0.2, 9.0), (1.0, 0.1))
     params = torch.tensor(

@@ -116,7 +116,7 @@ def test_a_beam_checkpoint_saved_without_its_pattern_resumes_with_values(tmp_pat
     path = tmp_path / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     assert saved["options"]["ic_pattern"] == "stored"
-    del saved["options"]["ic_pattern"]  # as saved before session 13
+    del saved["options"]["ic_pattern"]  # a checkpoint saved without the key
     torch.save(saved, path)
     patterns = []
     real = ElasticityIccg.__post_init__
