@@ -6,4 +6,6 @@ DOLFINx; problems assembled with DOLFINx import it when they are used.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from femeta.model import Model, RunError, load  # after __version__, which it reads
+
+__all__ = ["Model", "RunError", "__version__", "load"]

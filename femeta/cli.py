@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import fields
@@ -408,6 +409,116 @@ def evaluate_command(
         f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
         f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
     )
+
+
+@app.command("solve")
+@friendly
+def solve_command(
+    problem: Problem,
+    model: Annotated[Path, typer.Option(help="Run directory written by `femeta train`.")],
+    cells: Annotated[
+        tuple[int, int, int],
+        typer.Option(help="Hexahedra along the length and across the section (any size)."),
+    ] = (8, 2, 2),
+    width: Annotated[float, typer.Option("--W", help="Width and height W of the beam.")] = 0.1,
+    lam: Annotated[float, typer.Option("--lam", help="Lame's first parameter lambda.")] = 1.0,
+    mu: Annotated[float, typer.Option("--mu", help="Shear modulus mu.")] = 1.0,
+    rho: Annotated[float, typer.Option("--rho", help="Density rho.")] = 1.0,
+    tol: Annotated[float, typer.Option(help="Relative residual ||b - Ax|| / ||b||.")] = 1e-6,
+    max_iterations: Annotated[
+        int | None, typer.Option(help="Iteration cap of every solver. [default: 10 N]")
+    ] = None,
+    extrapolate: Annotated[
+        bool, typer.Option(help="Apply the model outside the ranges it was trained on.")
+    ] = False,
+    with_gamg: Annotated[
+        bool, typer.Option("--gamg/--no-gamg", help="Also solve with GAMG (rigid-body modes).")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Assemble one beam with DOLFINx (on all MPI ranks) and solve it with the model's
+    shift (guarded), Psi_base's shift, PETSc's default ICC and GAMG."""
+    if problem != "elasticity":
+        raise UsageError(f"femeta solve assembles beams only: use 'elasticity', not {problem!r}")
+    if any(c < 1 for c in cells):
+        raise UsageError(f"--cells must be three integers >= 1, got {' '.join(map(str, cells))}")
+    if not 0 < tol < 1:
+        raise UsageError(f"--tol must lie in (0, 1), got {tol}")
+    if max_iterations is not None and max_iterations < 1:
+        raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
+    import femeta
+    from femeta._fenics import import_dolfinx
+
+    loaded = femeta.load(model)
+    if loaded.problem != problem:
+        raise UsageError(f"{model} holds a model for {loaded.problem!r}, not {problem!r}")
+    params = {"W": width, "lambda_": lam, "mu": mu, "rho": rho}
+    import_dolfinx()
+    from mpi4py import MPI
+
+    from femeta import comparison
+    from femeta.fenics import configure
+    from femeta.problems.elasticity import beam_system
+
+    comm = MPI.COMM_WORLD
+    start = time.perf_counter()
+    A, b, space = beam_system(comm, cells, width, lam, mu, rho)
+    assembly = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    n = A.getSize()[0]
+    cap = 10 * n if max_iterations is None else max_iterations
+    probe = _probe_ksp(A)
+    alpha = configure(probe, loaded, extrapolate=extrapolate, **params).alpha
+    probe.destroy()
+    base = comm.bcast(_base_alpha(loaded) if comm.rank == 0 else None, root=0)
+    outcomes = [
+        comparison.shifted_icc("femeta", A, b, alpha, tol, cap),
+        comparison.shifted_icc("psi_base", A, b, base, tol, cap),
+        comparison.default_icc(A, b, tol, cap),
+    ]
+    if with_gamg:
+        outcomes.append(comparison.gamg(A, b, tol, cap, comparison.rigid_body_modes(space)))
+    summary = {
+        "unknowns": n, "ranks": comm.size, "cells": list(cells), "tol": tol,
+        "max_iterations": cap, "assembly_seconds": assembly,
+        "params": {"W": width, "lambda": lam, "mu": mu, "rho": rho},
+        "solvers": [outcome.as_dict() for outcome in outcomes],
+    }  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(
+        f"beam {' x '.join(map(str, cells))} cells, {n} unknowns on {comm.size} rank(s), "
+        f"assembled in {assembly:.2f} s; CG to {tol:g} (cap {cap}):"
+    )
+    labels = {"femeta": "learned alpha", "psi_base": "Psi_base alpha",
+              "petsc_icc": "PETSc ICC default", "gamg": "GAMG + rigid modes"}  # fmt: skip
+    for outcome in outcomes:
+        shift = "" if outcome.alpha is None else f" (alpha {outcome.alpha:.4g})"
+        retried = f", {len(outcome.attempts)} attempts" if len(outcome.attempts) > 1 else ""
+        typer.echo(
+            f"  {labels[outcome.name] + shift:34s} {outcome.iterations:6d} iterations  "
+            f"{outcome.seconds:8.3f} s  {outcome.reason}{retried}"
+        )
+
+
+def _probe_ksp(A: Any) -> Any:
+    """A KSP on ``A`` only to predict the model's shift with (it may read norms of A)."""
+    from petsc4py import PETSc
+
+    ksp = PETSc.KSP().create(A.comm)
+    ksp.setOperators(A)
+    return ksp
+
+
+def _base_alpha(model: Any) -> float:
+    """Psi_base's shift: saved with the model, or found on its training beams."""
+    if model.base_alpha is not None:
+        return model.base_alpha
+    experiment, _ = load_metasolver(model.run_dir, model.problem)
+    seed = json.loads((model.run_dir / "config.json").read_text())["options"]["seed"]
+    return experiment.base_shift(experiment.tasks("train", seed))
 
 
 RunEpochs = Annotated[int | None, typer.Option(help="Override the epochs of every run.")]

@@ -32,7 +32,7 @@ from femeta.metasolvers import (
 from femeta.problems.base import TaskSet
 from femeta.problems.elasticity import ElasticBeam, default_cache_dir
 from femeta.problems.poisson1d import Poisson1D
-from femeta.problems.robertson import Robertson, backward_euler_system
+from femeta.problems.robertson import RATE_RANGES, Robertson, backward_euler_system
 from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult, jacobi
 from femeta.solvers.iccg import IccgResult, iccg
@@ -126,6 +126,10 @@ class Poisson1DJacobi:
             return guess.to(self.device)
         raise ValueError(f"unknown meta-solver {kind!r} for {self.name}; expected 'base' or 'nn'")
 
+    def model_spec(self, train_tasks: TaskSet) -> dict[str, Any]:
+        """How :mod:`femeta.model` applies the trained network (saved with it)."""
+        return {"network": "EigenbasisGuess", "features": ["f"]}
+
     def solve(
         self, metasolver: nn.Module, tasks: TaskSet, tol: float | None, max_iterations: int
     ) -> SolverResult:
@@ -184,8 +188,8 @@ class ElasticityIccg:
     nonzeros, and which of those entries cancelled exactly and which to rounding noise
     then moves the shift at which IC(0) fails, on slender beams by up to 1.4 decades.
 
-    Psi_nn sees only ``W`` and ``lambda / mu`` (``inputs="invariant"``, the default
-    since session 15) or the paper's seven features (``"paper"``): ``A`` is linear
+    Psi_nn sees only ``W`` and ``lambda / mu`` (``inputs="invariant"``, the
+    default) or the paper's seven features (``"paper"``): ``A`` is linear
     in ``(lambda, mu)`` and ``b`` in ``rho``, and a shift relative to ``diag(A)`` and
     a relative residual make IC(0) and CG's iterations blind to the scale of
     either, so the best shift is a function of those two numbers alone. With the
@@ -204,11 +208,11 @@ class ElasticityIccg:
 
     cells: tuple[int, int, int] = (8, 2, 2)
     #: What IC(0) keeps: ``"stored"``, the entries DOLFINx's matrix stores (the
-    #: default since session 14); ``"values"``, the nonzeros of each task's ``A``
-    #: (the default before, and what runs saved without the key used).
+    #: default); ``"values"``, the nonzeros of each task's ``A`` (what runs saved
+    #: without the key used).
     ic_pattern: str = "stored"
-    #: Psi_nn's inputs: ``"invariant"`` (W and lambda/mu; the default since session 15)
-    #: or ``"paper"`` (the seven features; what runs saved without the key used).
+    #: Psi_nn's inputs: ``"invariant"`` (W and lambda/mu; the default) or
+    #: ``"paper"`` (the seven features; what runs saved without the key used).
     inputs: str = "invariant"
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
@@ -281,19 +285,41 @@ class ElasticityIccg:
             return ShiftGrid(self.alpha_grid).to(self.device)
         if kind == "nn":
             names = ElasticBeam.feature_names
-            projection = None
-            if self.inputs == "invariant":  # log W and log lambda - log mu
-                projection = torch.zeros(2, len(names), dtype=torch.float64)
-                projection[0, names.index("W")] = 1.0
-                projection[1, names.index("lambda")] = 1.0
-                projection[1, names.index("mu")] = -1.0
-            network = ShiftNet(len(names), (128, 128), projection=projection)
+            network = ShiftNet(len(names), (128, 128), projection=self._projection())
             if train_tasks is not None:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)
         raise ValueError(
             f"unknown meta-solver {kind!r} for {self.name}; expected 'base', 'best' or 'nn'"
         )
+
+    def _projection(self) -> Tensor | None:
+        """What Psi_nn reads of the log features: log W and log lambda - log mu, or all."""
+        if self.inputs == "paper":
+            return None
+        names = ElasticBeam.feature_names
+        projection = torch.zeros(2, len(names), dtype=torch.float64)
+        projection[0, names.index("W")] = 1.0
+        projection[1, names.index("lambda")] = 1.0
+        projection[1, names.index("mu")] = -1.0
+        return projection
+
+    def model_spec(self, train_tasks: TaskSet) -> dict[str, Any]:
+        """How :mod:`femeta.model` applies the trained network, and Psi_base's shift."""
+        projection = self._projection()
+        material = self.problem.material_range
+        return {
+            "network": "ShiftNet",
+            "features": list(ElasticBeam.feature_names),
+            "projection": None if projection is None else projection.tolist(),
+            "ranges": {
+                "W": self.problem.width_range,
+                "lambda": material,
+                "mu": material,
+                "rho": material,
+            },
+            "base_alpha": self.base_shift(train_tasks),
+        }
 
     def base_shift(self, tasks: TaskSet) -> float:
         """The smallest grid shift at and above which IC(0) succeeds on every task.
@@ -415,7 +441,7 @@ class ElasticityIccg:
         Neither option is the paper's; both change only the derivative of the solve
         loss in ``log alpha``, never its value or the penalty's derivative. The exact
         derivative of CG's late residuals in alpha is heavy-tailed on these beams: a
-        few tasks carry most of a batch's gradient (see BENCHMARKS.md).
+        few tasks carry most of a batch's gradient (see docs/results.md, Table 2).
 
         - ``clip``: each task's derivative is clipped to ``[-clip, clip]``.
         - ``smooth``: each task's derivative is the central difference of the solve
@@ -562,6 +588,12 @@ class RobertsonNewtonSor:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)
         raise ValueError(f"unknown meta-solver {kind!r} for {self.name}; expected 'base' or 'nn'")
+
+    def model_spec(self, train_tasks: TaskSet) -> dict[str, Any]:
+        """How :mod:`femeta.model` applies the trained network (saved with it)."""
+        names = list(Robertson.feature_names)
+        return {"network": "NewtonSorNet", "features": names, "head": self.head,
+                "ranges": dict(zip(names[:3], RATE_RANGES, strict=False))}  # fmt: skip
 
     def base_relaxation(self, tasks: TaskSet) -> float:
         """r_base: the factor with the fewest mean iterations to 1e-9 (cap 10^4) on ``tasks``.

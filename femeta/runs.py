@@ -20,6 +20,7 @@ from torch import Tensor
 
 import femeta
 from femeta._io import write_atomic
+from femeta.model import CONFIG, WEIGHTS, RunError, read_config
 
 __all__ = [
     "RunError",
@@ -31,11 +32,7 @@ __all__ = [
     "tasks_digest",
 ]
 
-WEIGHTS, CONFIG, HISTORY = "model.safetensors", "config.json", "history.json"
-
-
-class RunError(ValueError):
-    """A run directory is missing, incomplete, corrupt or made for something else."""
+HISTORY = "history.json"
 
 
 def tasks_digest(*tensors: Tensor) -> str:
@@ -61,31 +58,8 @@ def save_run(
 def load_run(run_dir: Path, problem: str | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read a run directory made for ``problem`` (any, if None); return config and weights."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(
-            f"model directory {run_dir} does not exist; pass the --out of `femeta train`"
-        )
-    config_path, weights_path = run_dir / CONFIG, run_dir / WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise RunError(f"{path} is missing; {run_dir} is not a complete femeta run directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{config_path} is not valid JSON ({err}); retrain the model") from err
-    if not isinstance(config, dict) or "problem" not in config:
-        raise RunError(f"{config_path} has no 'problem' entry; it was not written by femeta")
-    if problem is not None and config["problem"] != problem:
-        raise RunError(
-            f"{run_dir} holds a model for {config['problem']!r}, not {problem!r}; use "
-            f"`femeta evaluate {config['problem']} --model {run_dir}` or train one for {problem!r}"
-        )
-    saved = str(config.get("femeta_version", "?"))
-    if saved.split(".")[:2] != femeta.__version__.split(".")[:2]:
-        raise RunError(
-            f"{run_dir} was written by femeta {saved}, this is {femeta.__version__}; "
-            "retrain the model"
-        )
+    config = read_config(run_dir, problem)
+    weights_path = run_dir / WEIGHTS
     try:
         state = load_safetensors(weights_path.read_bytes())
     except (SafetensorError, ValueError, OSError) as err:

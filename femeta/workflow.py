@@ -15,6 +15,7 @@ from torch import nn
 from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
 from femeta.experiments import get_experiment, resolve_device
+from femeta.model import FORMAT_VERSION
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainResult, train
 
@@ -294,8 +295,10 @@ def _train(
             Path(out),
             result.best_state,
             {
+                "format": FORMAT_VERSION,
                 "problem": experiment.name,
                 "problem_params": experiment.params(),
+                "model": experiment.model_spec(train_tasks),
                 "solver": experiment.solver_name,
                 "predicts": experiment.predicts,
                 "features": experiment.features,
@@ -353,9 +356,9 @@ def load_metasolver(
 def _saved_beam_options(problem: str | None, saved: dict[str, Any]) -> dict[str, Any]:
     """``saved`` (options or problem parameters of a run), with the beam defaults it used.
 
-    Beam runs saved before they recorded IC(0)'s pattern (session 14's default
-    ``"stored"``) used each ``A``'s nonzeros, and those saved before they recorded
-    the network's inputs (session 15's default ``"invariant"``) the paper's features.
+    A beam run saved without ``ic_pattern`` used each ``A``'s nonzeros (``"values"``),
+    and one saved without ``inputs`` the paper's features (``"paper"``); new runs
+    record both (by default ``"stored"`` and ``"invariant"``).
     """
     if problem != "elasticity":
         return dict(saved)

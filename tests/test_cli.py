@@ -386,3 +386,41 @@ def test_reproduce_table1_rows_end_to_end(tmp_path, monkeypatch, invoke):
     assert (base["paper"], relax["paper"]) == (70.51, 14.38) and table["sets"] == 8
     assert base["convergence_ratio"] == 1.0 and 1 < base["median_relaxation"] < 2
     assert json.loads((tmp_path / "table" / "results.json").read_text()) == table
+
+
+def test_solve_elasticity_compares_the_model_with_what_a_user_has(beam_model, invoke):
+    import femeta
+
+    result = invoke("solve", "elasticity", "--model", beam_model, "--W", "0.02", "--lam", "10",
+                    "--mu", "0.1", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["unknowns"], summary["ranks"], summary["max_iterations"]) == (243, 1, 2430)
+    solvers = {row["name"]: row for row in summary["solvers"]}
+    assert list(solvers) == ["femeta", "psi_base", "petsc_icc", "gamg"]
+    assert all(row["converged"] and row["iterations"] > 0 for row in solvers.values())
+    learned = femeta.load(beam_model).predict(W=0.02, lambda_=10, mu=0.1, rho=1.0)
+    assert solvers["femeta"]["attempts"][0]["alpha"] == learned
+    assert solvers["psi_base"]["alpha"] == femeta.load(beam_model).base_alpha
+    assert solvers["petsc_icc"]["alpha"] is None
+    text = invoke("solve", "elasticity", "--model", beam_model, "--no-gamg")
+    assert text.exit_code == 0, text.output
+    assert "PETSc ICC default" in text.output and "GAMG" not in text.output
+
+
+def test_solve_rejects_bad_input_in_one_line(beam_model, trained, invoke):
+    cases = {
+        ("solve", "poisson1d", "--model", trained): "beams only",
+        ("solve", "elasticity", "--model", trained): "model for 'poisson1d'",
+        ("solve", "elasticity", "--model", beam_model, "--cells", "0", "2", "2"): "--cells",
+        ("solve", "elasticity", "--model", beam_model, "--W", "0.5"): "W = 0.5",
+        ("solve", "elasticity", "--model", beam_model, "--lam", "1e4"): "lambda_/mu",
+        ("solve", "elasticity", "--model", beam_model, "--mu", "-1"): "mu = -1",
+        ("solve", "elasticity", "--model", beam_model, "--tol", "2"): "--tol",
+        ("solve", "elasticity", "--model", beam_model, "--max-iterations", "0"): "iterations",
+    }
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (args, result.output)

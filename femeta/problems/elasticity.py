@@ -21,6 +21,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -327,3 +328,54 @@ class _BeamAssembler:
         finally:
             self.mesh.geometry.x[:] = self.reference
         return A, b
+
+
+def beam_system(
+    comm: Any, cells: tuple[int, int, int], width: float, lam: float, mu: float, rho: float
+) -> tuple[Any, Any, Any]:
+    """One beam of the family as a FEniCS script assembles it, distributed over ``comm``.
+
+    The same forms, clamp and load as :class:`ElasticBeam`, on a mesh of ``cells``
+    hexahedra; the Dirichlet rows are identity rows with zeroed columns, and the
+    right-hand side is lifted. Unlike the datasets, ``A`` is not symmetrised.
+
+    Returns:
+        ``A`` (PETSc AIJ), ``b`` (PETSc vector) and the function space. Keep the
+        space while using ``A`` and ``b``: they live on its mesh's communicator.
+    """
+    import_dolfinx()
+    import ufl
+    from dolfinx import fem, mesh
+    from dolfinx.fem import petsc
+    from petsc4py import PETSc
+
+    _check_params(torch.tensor([[width, lam, mu, rho]], dtype=torch.float64))
+    domain = mesh.create_box(
+        comm,
+        [np.zeros(3), np.array([ElasticBeam.length, width, width])],
+        list(cells),
+        cell_type=mesh.CellType.hexahedron,
+    )
+    space = fem.functionspace(domain, ("Lagrange", 1, (3,)))
+    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+
+    def strain(w: Any) -> Any:
+        return ufl.sym(ufl.grad(w))
+
+    # Constants, not floats, so that the forms compile once for every beam.
+    lam_, mu_, load = (
+        fem.Constant(domain, PETSc.ScalarType(value))
+        for value in (lam, mu, rho * 0.4 * (width / ElasticBeam.length) ** 2)
+    )
+    stress = lam_ * ufl.tr(strain(u)) * ufl.Identity(3) + 2 * mu_ * strain(u)
+    bilinear = fem.form(ufl.inner(stress, strain(v)) * ufl.dx)
+    linear = fem.form(ufl.dot(ufl.as_vector((0, 0, -load)), v) * ufl.dx)
+    clamped = fem.locate_dofs_geometrical(space, lambda x: np.isclose(x[0], 0.0))
+    bc = fem.dirichletbc(np.zeros(3), clamped, space)
+    A = petsc.assemble_matrix(bilinear, bcs=[bc])
+    A.assemble()
+    b = petsc.assemble_vector(linear)
+    petsc.apply_lifting(b, [bilinear], bcs=[[bc]])
+    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    petsc.set_bc(b, [bc])
+    return A, b, space
