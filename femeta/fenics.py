@@ -208,8 +208,13 @@ class ShiftedICC:
         else:
             self._A.copy(self._P, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
         diagonal = self._A.getDiagonal()
-        diagonal.scale(1.0 + alpha)
-        self._P.setDiagonal(diagonal, addv=PETSc.InsertMode.INSERT_VALUES)
+        shifted = diagonal.copy()
+        # d + alpha d, rounded as femeta's solvers round it ((1 + alpha) d differs in the
+        # last bit, which moves CG by a few iterations on ill-conditioned systems).
+        shifted.scale(alpha)
+        shifted.axpy(1.0, diagonal)
+        self._P.setDiagonal(shifted, addv=PETSc.InsertMode.INSERT_VALUES)
+        shifted.destroy()
         diagonal.destroy()
         return self._P
 
@@ -288,6 +293,9 @@ class LinearProblem(dolfinx.fem.petsc.LinearProblem):
         **kwargs: Any,
     ) -> None:
         super().__init__(a, L, petsc_options_prefix=petsc_options_prefix, **kwargs)
+        if "ksp_type" not in (kwargs.get("petsc_options") or {}):
+            # DOLFINx's setFromOptions() made it GMRES, PETSc's default; any other type is refused.
+            self._solver.setType(PETSc.KSP.Type.CG)
         if isinstance(model, Model) and model.needs_matrix:  # it reads the norms of A
             self.A.zeroEntries()
             dolfinx.fem.petsc.assemble_matrix(self.A, self.a, bcs=self.bcs)
@@ -339,7 +347,9 @@ def _check_ksp(ksp: PETSc.KSP) -> None:
         rows, columns = A.getSize()
         kind = A.getType()
     except PETSc.Error:
-        raise ValueError("the KSP has no operator; call ksp.setOperators(A) first") from None
+        kind = None
+    if kind is None:  # PETSc hands out an empty matrix when none was set
+        raise ValueError("the KSP has no operator; call ksp.setOperators(A) first")
     if rows != columns:
         raise ValueError(f"A is {rows} x {columns}; ICCG needs a square matrix")
     if kind not in (PETSc.Mat.Type.SEQAIJ, PETSc.Mat.Type.MPIAIJ, PETSc.Mat.Type.AIJ):

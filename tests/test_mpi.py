@@ -61,3 +61,143 @@ def test_cli_under_mpiexec_prints_one_result():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["n_tasks"] == 1000
+
+
+BEAM = {"W": 0.1, "lambda_": 1.25, "mu": 1.0, "rho": 1.0}
+SLENDER = {"W": 0.02, "lambda_": 10.0, "mu": 0.1, "rho": 1.0}
+
+
+def steps(report):
+    """What every rank must agree on in a SolveReport (wall times differ)."""
+    return [(attempt.alpha, attempt.reason, attempt.iterations) for attempt in report.attempts]
+
+
+def test_every_rank_solves_at_rank_0_s_shift(beam_run, assemble_beam):
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    import femeta
+    from femeta.fenics import configure
+
+    comm = MPI.COMM_WORLD
+    model = femeta.load(beam_run)
+    beam = assemble_beam(comm, *BEAM.values())
+    start, end = beam.A.getOwnershipRange()
+    assert comm.allreduce(end - start) == 243 and (comm.size == 1 or end - start < 243)
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOperators(beam.A)
+    # Inputs that differ from rank to rank (say, rounded differently) give rank 0's shift.
+    solver = configure(ksp, model, **{**BEAM, "W": BEAM["W"] * (1 + 0.1 * comm.rank)})
+    assert comm.allgather(solver.alpha) == [model.predict(**BEAM)] * comm.size
+    report = solver.solve(beam.b, beam.b.duplicate())
+    assert report.converged and len(report.attempts) == 1
+    assert comm.allgather(steps(report)) == [steps(report)] * comm.size
+
+
+def test_the_guarded_solve_retries_under_block_jacobi_on_every_rank(assemble_beam):
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from femeta.fenics import configure
+
+    comm = MPI.COMM_WORLD
+    beam = assemble_beam(comm, *SLENDER.values())
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOperators(beam.A)
+    ksp.setTolerances(rtol=1e-6, atol=0.0)
+    x = beam.b.duplicate()
+    report = configure(ksp, 1e-4).solve(beam.b, x)
+    assert ksp.getPC().getType() == ("bjacobi" if comm.size > 1 else "icc")
+    assert report.converged and report.attempts[0].reason in (
+        "DIVERGED_INDEFINITE_PC",
+        "DIVERGED_PCSETUP_FAILED",
+    )
+    assert len(report.attempts) > 1 and not report.fell_back
+    assert comm.allgather(steps(report)) == [steps(report)] * comm.size
+    residual = beam.b.duplicate()
+    beam.A.mult(x, residual)
+    residual.aypx(-1.0, beam.b)
+    assert residual.norm() <= 1.01e-6 * beam.b.norm()
+
+
+def test_linear_problem_in_parallel_solves_as_configure_does(beam_run, assemble_beam):
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    import femeta
+    from femeta.fenics import LinearProblem, configure
+
+    comm = MPI.COMM_WORLD
+    model = femeta.load(beam_run)
+    beam = assemble_beam(comm, *BEAM.values(), cells=(16, 4, 4))
+    problem = LinearProblem(beam.a, beam.L, model=model, params=BEAM, bcs=beam.bcs)
+    u = problem.solve()
+    report = problem.report
+    assert report.converged and report.alpha == model.predict(**BEAM)
+    assert comm.allgather(steps(report)) == [steps(report)] * comm.size
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOperators(beam.A)
+    x = beam.b.duplicate()
+    assert steps(configure(ksp, model, **BEAM).solve(beam.b, x)) == steps(report)
+    owned = x.getLocalSize()
+    np.testing.assert_allclose(u.x.array[:owned], x.getArray(), rtol=1e-10, atol=1e-14)
+
+
+ONE_RANK_FAILS = """
+import json, sys
+from mpi4py import MPI
+from petsc4py import PETSc
+import femeta
+from femeta.fenics import configure
+
+comm = MPI.COMM_WORLD
+model = femeta.load(sys.argv[1])
+n = 30
+A = PETSc.Mat().createAIJ([n, n], comm=comm)
+A.setPreallocationNNZ(3)
+start, end = A.getOwnershipRange()
+for i in range(start, end):
+    A[i, i] = 2.0
+    if i > 0:
+        A[i, i - 1] = -1.0
+    if i < n - 1:
+        A[i, i + 1] = -1.0
+A.assemble()
+good = {"W": 0.1, "lambda_": 1.25, "mu": 1.0, "rho": 1.0}
+cases = {
+    "W out of range on rank 1": {**good, "W": 5.0} if comm.rank == 1 else good,
+    "rho missing on rank 0": {k: v for k, v in good.items() if k != "rho" or comm.rank},
+}
+seen = {}
+for case, params in cases.items():
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOperators(A)
+    try:
+        configure(ksp, model, **params)
+        seen[case] = None
+    except ValueError as err:
+        seen[case] = str(err)
+    ksp.destroy()
+ksp = PETSc.KSP().create(comm)
+ksp.setOperators(A)
+b = A.createVecLeft()
+b.set(1.0)
+report = configure(ksp, model, **good).solve(b, b.duplicate())  # the ranks are still in step
+seen["solved"] = report.converged
+everyone = comm.gather(seen)  # one line from rank 0: lines from two ranks can interleave
+if comm.rank == 0:
+    print(json.dumps(everyone))
+"""
+
+
+@pytest.mark.skipif("PMI_RANK" in os.environ, reason="launches mpiexec itself")
+def test_a_bad_input_on_one_rank_fails_alike_on_every_rank(beam_run):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    command = [str(mpiexec), "-n", "2", sys.executable, "-c", ONE_RANK_FAILS, str(beam_run)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)  # what ranks 0 and 1 saw
+    assert first == second
+    assert first["W out of range on rank 1"].startswith("W = 5 is outside [0.003, 0.3]")
+    assert first["rho missing on rank 0"].startswith("missing parameter 'rho'")
+    assert first["solved"] is True

@@ -206,7 +206,10 @@ def _check_alpha(
     alpha: Tensor | float, batch: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """``alpha`` as a tensor of shape ``(batch,)``, checked positive and finite."""
-    alpha = torch.as_tensor(alpha).to(device=device, dtype=dtype)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(device=device, dtype=dtype)
+    else:  # a Python number: straight to dtype (as_tensor alone would round it to float32)
+        alpha = torch.as_tensor(alpha, dtype=dtype, device=device)
     if alpha.dim() == 0:
         alpha = alpha.expand(batch).clone()
     if tuple(alpha.shape) != (batch,):
