@@ -201,3 +201,23 @@ def test_a_bad_input_on_one_rank_fails_alike_on_every_rank(beam_run):
     assert first["W out of range on rank 1"].startswith("W = 5 is outside [0.003, 0.3]")
     assert first["rho missing on rank 0"].startswith("missing parameter 'rho'")
     assert first["solved"] is True
+
+
+@pytest.mark.skipif("PMI_RANK" in os.environ, reason="launches mpiexec itself")
+def test_solve_under_mpiexec_assembles_on_both_ranks_and_prints_once(beam_run):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    command = [str(mpiexec), "-n", "2", sys.executable, "-m", "femeta", "solve", "elasticity",
+               "--model", str(beam_run), "--cells", "16", "4", "4", "--W", "0.05",
+               "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    summary = json.loads(lines[0])
+    assert (summary["ranks"], summary["unknowns"]) == (2, 3 * 17 * 5 * 5)
+    assert all(row["converged"] for row in summary["solvers"])
+    bad = subprocess.run([*command[:-3], "--W", "5", "--json"], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "W = 5" in errors[0], bad.stderr
