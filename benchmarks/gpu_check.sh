@@ -31,7 +31,7 @@ for d in cuda cpu; do timeout 20 python3 -m femeta evaluate poisson1d --model /t
 stamp "robertson and poisson1d done"
 timeout "$(left 330)" python3 benchmarks/bench_iccg_devices.py --ic-pattern stored --repeats 3 --cpu-repeats 1
 stamp bench done
-timeout -s INT "$(left 50)" python3 -m femeta train elasticity --ic-pattern stored --device cuda --out /tmp/run; echo "train rc $?"
+timeout -s INT "$(left 50)" python3 -m femeta train elasticity --paper --ic-pattern stored --device cuda --out /tmp/run; echo "train rc $?"
 stamp trained
 if [ -f /tmp/run/model.safetensors ]; then
   for d in cuda cpu; do timeout "$(left 5)" python3 -m femeta evaluate elasticity --model /tmp/run --device $d --json; echo; stamp "eval $d done"; done

@@ -20,12 +20,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from femeta._fenics import MissingFenicsError
 from femeta._io import write_atomic
-from femeta.experiments import EXPERIMENTS, get_experiment, resolve_device
+from femeta.experiments import EXPERIMENTS, available_cores, get_experiment, resolve_device
 from femeta.training import EpochRecord
 from femeta.workflow import (
     TrainOptions,
     baseline_metasolver,
     evaluate_metasolver,
+    load_checkpoint,
     load_metasolver,
     resume_training,
     train_metasolver,
@@ -173,7 +174,7 @@ def train_command(
             help="elasticity only: what the network sees: 'invariant', only W and "
             "lambda/mu, the two numbers ICCG(alpha) depends on (not in the paper); 'paper', "
             "its seven features, which let it learn the training beams by heart. "
-            "[default: invariant]"
+            "[default: invariant; --paper: paper]"
         ),
     ] = None,
     epochs: Annotated[
@@ -209,8 +210,9 @@ def train_command(
         float | None,
         typer.Option(
             help="elasticity only: replace each task's derivative of the solve loss in "
-            "log(alpha) by its central difference over alpha*exp(+-SMOOTH), e.g. 0.25 "
-            "(not in the paper). [default: the exact derivative]"
+            "log(alpha) by its central difference over alpha*exp(+-SMOOTH) (not in the "
+            "paper); 0 keeps the paper's exact derivative. [default: 0.25; with --clip or "
+            "--paper: 0]"
         ),
     ] = None,
     gamma: Annotated[
@@ -223,16 +225,18 @@ def train_command(
     engine: Annotated[
         str | None,
         typer.Option(
-            help="elasticity with --smooth only: run the training, validation and monitor "
-            "solves with 'petsc' (a KSP per task, faster on a CPU) instead of 'torch'; "
-            "evaluation stays in torch. [default: torch]"
+            help="elasticity with a smoothed derivative only: run the training, validation "
+            "and monitor solves with 'petsc' (a KSP per task, on the CPU) instead of "
+            "'torch'; evaluation stays in torch. [default: petsc when training on the CPU "
+            "with --smooth above 0, else torch]"
         ),
     ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
-            help="--engine petsc only: processes that share each batch's PETSc solves, "
-            "e.g. the number of cores; the results do not depend on it. [default: 1]"
+            help="--engine petsc only: processes that share each batch's PETSc solves; "
+            "the results do not depend on it. [default: all cores with --engine petsc, "
+            "else 1]"
         ),
     ] = None,
     select: Annotated[
@@ -242,6 +246,17 @@ def train_command(
             "the fewest mean validation iterations (needs the monitor). [default: loss]"
         ),
     ] = None,
+    paper: Annotated[
+        bool,
+        typer.Option(
+            "--paper",
+            help="Train with the paper's settings instead of the best known ones: for "
+            "elasticity its exact derivative (--smooth 0), --engine torch, --workers 1 and "
+            "--inputs paper. poisson1d and robertson train with the paper's settings "
+            "either way: they are the best known there. An option given beside it that "
+            "differs from the paper's is an error.",
+        ),
+    ] = False,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file with any of these options; the command line wins."),
@@ -255,7 +270,12 @@ def train_command(
     ] = True,
     device: Device = "auto",
 ) -> None:
-    """Train a meta-solver and save it to a run directory."""
+    """Train a meta-solver and save it to a run directory.
+
+    Without options it trains with the best known settings (for elasticity on the
+    CPU: --smooth 0.25 --engine petsc on all cores, --inputs invariant); --paper
+    gives the paper's.
+    """
     check_problem(problem)
     if (out is None) == (resume is None):
         raise UsageError("give exactly one of --out NEW_RUN_DIR or --resume RUN_DIR")
@@ -265,7 +285,7 @@ def train_command(
             "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
             "head": head, "sets": sets, "guess_init": guess_init,
             "select": select, "engine": engine, "workers": workers, "gamma": gamma,
-            "ic_pattern": ic_pattern, "inputs": inputs,
+            "ic_pattern": ic_pattern, "inputs": inputs, "paper": True if paper else None,
         }  # fmt: skip
         values = read_config(config) | {k: v for k, v in given.items() if v is not None}
         try:
@@ -339,11 +359,19 @@ def evaluate_command(
     model: Annotated[
         Path | None, typer.Option(help="Run directory written by `femeta train`.")
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="The checkpoint.pt of an interrupted or running `femeta train --out "
+            "RUN_DIR`: evaluates its best weights so far."
+        ),
+    ] = None,
     baseline: Annotated[
         str | None,
         typer.Option(
             help="Evaluate a baseline instead of a model: 'base' (Psi_base), or for "
-            "elasticity 'best' (per-task grid search over alpha, slow)."
+            "elasticity 'best' (per-task grid search over alpha, slow) or 'petsc' (CG with "
+            "PETSc's ICC(0) of A and its default shift, what a FEniCS script has)."
         ),
     ] = None,
     tol: Annotated[
@@ -372,6 +400,18 @@ def evaluate_command(
     max_iterations: Annotated[
         int | None, typer.Option(help="Iteration cap; unconverged tasks count as the cap.")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="elasticity only: solve with 'petsc' (a KSP per task, spread over --workers "
+            "processes; Psi_best's 31 shifts several times faster) instead of 'torch'. The "
+            "counts differ only by rounding."
+        ),
+    ] = "torch",
+    workers: Annotated[
+        int | None,
+        typer.Option(help="--engine petsc only: processes. [default: all cores]"),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
@@ -379,33 +419,52 @@ def evaluate_command(
 ) -> None:
     """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
     check_problem(problem)
-    if (model is None) == (baseline is None):
-        raise UsageError("give exactly one of --model RUN_DIR or --baseline {base,best}")
-    kinds = ("base", "best") if problem == "elasticity" else ("base",)
+    kinds = EXPERIMENTS[problem].baselines
+    if sum(given is not None for given in (model, checkpoint, baseline)) != 1:
+        raise UsageError(
+            "give exactly one of --model RUN_DIR, --checkpoint RUN_DIR/checkpoint.pt or "
+            f"--baseline {{{','.join(kinds)}}}"
+        )
     if baseline is not None and baseline not in kinds:
         raise UsageError(f"--baseline for {problem} must be one of {list(kinds)}, got {baseline!r}")
     if tol is not None and not (tol > 0 and tol < 1):
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
+    if engine not in EXPERIMENTS[problem].engines:
+        engines = list(EXPERIMENTS[problem].engines)
+        raise UsageError(f"--engine for {problem} must be one of {engines}, got {engine!r}")
+    if workers is None:
+        workers = available_cores() if engine == "petsc" else 1
     given = {"p": p, "sets": sets, "ic_pattern": ic_pattern}
     overrides = {name: value for name, value in given.items() if value is not None}
+    progress: dict[str, Any] = {}
     if model is not None:
         experiment, metasolver = load_metasolver(model, problem, device=device, **overrides)
+    elif checkpoint is not None:
+        experiment, metasolver, progress = load_checkpoint(checkpoint, problem, device, **overrides)
     else:
         experiment = get_experiment(problem, **overrides, device=resolve_device(device))
         metasolver = baseline_metasolver(experiment, baseline, seed)
     tol = experiment.default_tol if tol is None else tol
-    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations)
+    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations, engine, workers)
     task_p = getattr(experiment, "p", None)
-    summary = {"problem": problem, "model": str(model) if model else baseline, "p": task_p}
-    summary |= stats.summary()
+    name = str(model or checkpoint or baseline)
+    summary = {"problem": problem, "model": name, "p": task_p, "engine": engine}
+    summary |= progress | stats.summary()
     if as_json:
         typer.echo(json.dumps(summary))
         return
     where = problem if task_p is None else f"{problem} (p = {task_p})"
+    if engine != "torch":
+        where += f" with the {engine} engine"
+    if progress:
+        name += (
+            f" (best weights so far: epoch {progress['best_epoch']} of "
+            f"{progress['epochs_done']} done)"
+        )
     typer.echo(
-        f"{summary['model']} on {where}, tol {tol:g}, cap {stats.max_iterations}: "
+        f"{name} on {where}, tol {tol:g}, cap {stats.max_iterations}: "
         f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
         f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
     )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +26,7 @@ from femeta.metasolvers import (
     ConstantShift,
     EigenbasisGuess,
     NewtonSorNet,
+    PetscDefaultShift,
     PreviousStep,
     ShiftGrid,
     ShiftNet,
@@ -37,15 +40,17 @@ from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult, jacobi
 from femeta.solvers.iccg import IccgResult, iccg
 from femeta.solvers.newton_sor import NonlinearSystem, newton_sor
-from femeta.solvers.petsc import PetscIccg
+from femeta.solvers.petsc import PetscIccg, default_icc
 from femeta.training import Objective, TrainConfig
 
 __all__ = [
     "EXPERIMENTS",
+    "TRAIN_DEFAULTS",
     "ElasticityIccg",
     "Experiment",
     "Poisson1DJacobi",
     "RobertsonNewtonSor",
+    "available_cores",
     "get_experiment",
     "resolve_device",
 ]
@@ -56,6 +61,13 @@ _Solved = tuple[IccgResult, Tensor]
 _ShiftsSolver = Callable[[Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]]
 #: The sparsity patterns that the beams' IC(0) can keep (:class:`ElasticityIccg`).
 IC_PATTERNS = ("values", "stored")
+#: The options of ``femeta train`` whose default an experiment picks: :meth:`recommended_options`
+#: gives the best known values, :attr:`paper_options` the paper's. ``smooth`` is the step of the
+#: smoothed derivative (0: the exact derivative), ``engine`` and ``workers`` run the training
+#: solves, ``inputs`` is what Psi_nn sees; ``None`` where an option does not apply.
+TRAIN_DEFAULTS = ("smooth", "engine", "workers", "inputs")
+#: The paper's settings of :data:`TRAIN_DEFAULTS` where no option but the engine applies.
+_TORCH_ONLY: Mapping[str, Any] = MappingProxyType({"engine": "torch", "workers": 1})
 #: What Psi_nn of the beams sees (``ElasticityIccg.inputs``), described.
 BEAM_INPUTS = {
     "paper": "W, lambda, mu, rho, ||A||_1, ||A||_inf, ||A||_F (log, standardised)",
@@ -81,6 +93,12 @@ class Poisson1DJacobi:
     evaluation_cap: ClassVar[int] = 10_000
     #: Cap of the surrogate's Phi_{eps,m} during training when none is given.
     surrogate_cap: ClassVar[int] = 1000
+    #: What ``femeta evaluate --baseline`` takes: Psi_base, the zero guess.
+    baselines: ClassVar[tuple[str, ...]] = ("base",)
+    #: What solves ``stats`` can run on (``femeta evaluate --engine``).
+    engines: ClassVar[tuple[str, ...]] = ("torch",)
+    #: The paper's training settings (Table 3), which are also the best known here.
+    paper_options: ClassVar[Mapping[str, Any]] = _TORCH_ONLY
 
     n: int = 16
     p: float = 0.0
@@ -92,6 +110,11 @@ class Poisson1DJacobi:
         self.device = torch.device(self.device)
         self.problem = Poisson1D(self.n, self.p)
         self.matrix = self.problem.matrix().to(self.device)
+
+    @classmethod
+    def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+        """The paper's settings (:attr:`paper_options`): no better ones are known here."""
+        return dict(cls.paper_options)
 
     def params(self) -> dict[str, Any]:
         """What identifies the task space (saved with a model)."""
@@ -205,6 +228,17 @@ class ElasticityIccg:
     gamma: ClassVar[float] = 500.0
     #: The log grid of Psi_best and Psi_base: 31 shifts from 1e-5 to 10.
     alpha_grid: ClassVar[Tensor] = torch.logspace(-5, 1, 31, dtype=torch.float64)
+    #: What ``femeta evaluate --baseline`` takes: Psi_base (one shift), Psi_best (per-beam
+    #: grid search) and PETSc's ICC with its default shift (what a FEniCS script has).
+    baselines: ClassVar[tuple[str, ...]] = ("base", "best", "petsc")
+    #: What solves :meth:`stats` can run on (``femeta evaluate --engine``).
+    engines: ClassVar[tuple[str, ...]] = ("torch", "petsc")
+    #: The paper's training settings: its exact derivative in torch, its seven inputs.
+    paper_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"smooth": 0.0, "engine": "torch", "workers": 1, "inputs": "paper"}
+    )
+    #: The step of the smoothed derivative in log alpha that trains best (docs/results.md).
+    recommended_smooth: ClassVar[float] = 0.25
 
     cells: tuple[int, int, int] = (8, 2, 2)
     #: What IC(0) keeps: ``"stored"``, the entries DOLFINx's matrix stores (the
@@ -254,6 +288,28 @@ class ElasticityIccg:
     def surrogate_cap(self) -> int:
         return self.problem.n
 
+    @classmethod
+    def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+        """The best known settings, for the options of :data:`TRAIN_DEFAULTS` not ``given``.
+
+        The smoothed derivative (:attr:`recommended_smooth`; the exact one with a
+        ``clip``), solved with PETSc on every core when training on the CPU (a
+        CUDA device keeps the torch solves), and the invariant inputs. An option
+        given is kept, and the others follow it: an exact derivative (``smooth=0``)
+        trains in torch, ``engine="torch"`` on one process.
+        """
+        smooth = given.get("smooth")
+        if smooth is None:
+            smooth = 0.0 if given.get("clip") is not None else cls.recommended_smooth
+        engine = given.get("engine")
+        if engine is None:
+            engine = "petsc" if smooth > 0 and torch.device(device).type == "cpu" else "torch"
+        workers = given.get("workers")
+        if workers is None:
+            workers = available_cores() if engine == "petsc" else 1
+        inputs = "invariant" if given.get("inputs") is None else given["inputs"]
+        return {"smooth": smooth, "engine": engine, "workers": workers, "inputs": inputs}
+
     def params(self) -> dict[str, Any]:
         return {"cells": list(self.cells), "ic_pattern": self.ic_pattern, "inputs": self.inputs}
 
@@ -271,7 +327,8 @@ class ElasticityIccg:
                             1e-3 if lr is None else lr, seed)  # fmt: skip
 
     def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
-        """``base`` (constant alpha), ``best`` (per-task grid search) or ``nn`` (the MLP).
+        """``base`` (constant alpha), ``best`` (per-task grid search), ``petsc`` (PETSc's
+        default ICC shift, no alpha) or ``nn`` (the MLP).
 
         ``base`` is fitted on ``train_tasks`` (:meth:`base_shift`) and ``nn``
         standardises its inputs with their features; without them ``nn`` starts
@@ -283,6 +340,8 @@ class ElasticityIccg:
             return ConstantShift(self.base_shift(train_tasks)).to(self.device)
         if kind == "best":
             return ShiftGrid(self.alpha_grid).to(self.device)
+        if kind == "petsc":
+            return PetscDefaultShift()
         if kind == "nn":
             names = ElasticBeam.feature_names
             network = ShiftNet(len(names), (128, 128), projection=self._projection())
@@ -290,7 +349,8 @@ class ElasticityIccg:
                 network.fit_inputs(train_tasks["features"])
             return network.to(self.device)
         raise ValueError(
-            f"unknown meta-solver {kind!r} for {self.name}; expected 'base', 'best' or 'nn'"
+            f"unknown meta-solver {kind!r} for {self.name}; expected 'base', 'best', 'petsc' "
+            "or 'nn'"
         )
 
     def _projection(self) -> Tensor | None:
@@ -325,7 +385,13 @@ class ElasticityIccg:
         """The smallest grid shift at and above which IC(0) succeeds on every task.
 
         The grid is scanned downwards and stops at the first shift that fails a task.
+        The result is cached on disk, keyed by the tasks and the pattern: the scan
+        factorizes every task a dozen times (minutes on a CPU).
         """
+        digest = tasks_digest(tasks["A"], tasks["b"], self.alpha_grid)[:24]
+        path = default_cache_dir() / f"elasticity-base-{self.ic_pattern}-{digest}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["alpha"])
         chosen = None
         for alpha in self.alpha_grid.flip(0).tolist():
             result = iccg(
@@ -336,34 +402,59 @@ class ElasticityIccg:
             chosen = alpha
         if chosen is None:
             raise ValueError(f"IC(0) fails on some task even at alpha = {self.alpha_grid[-1]:g}")
+        write_atomic(path, json.dumps({"alpha": chosen, "ic_pattern": self.ic_pattern}).encode())
         return chosen
 
     def solve(
         self, metasolver: nn.Module, tasks: TaskSet, tol: float | None, max_iterations: int
     ) -> IccgResult:
-        """Phi(tau; Psi(tau)): ICCG with the meta-solver's shift, from a zero guess."""
+        """Phi(tau; Psi(tau)): ICCG with the meta-solver's shift, from a zero guess.
+
+        :class:`PetscDefaultShift` solves with PETSc's ICC of ``A`` and its default shift
+        instead, on the same pattern (on the CPU; the result comes back to this device).
+        """
         if isinstance(metasolver, ShiftGrid):
-            return self._best(metasolver.grid, tasks, tol, max_iterations)
+            torch_shifts = partial(_torch_shifts, pattern=self.pattern)
+            return self._best(metasolver.grid, tasks, tol, max_iterations, torch_shifts, 1)
+        if isinstance(metasolver, PetscDefaultShift):
+            pattern = None if self.pattern is None else self.pattern.cpu()
+            result = default_icc(
+                tasks["A"].cpu(), tasks["b"].cpu(), tol=tol, max_iterations=max_iterations,
+                pattern=pattern,
+            )  # fmt: skip
+            return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
         alpha = metasolver(tasks["features"])
         return iccg(
             tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=max_iterations,
             pattern=self.pattern,
         )  # fmt: skip
 
-    def _best(self, grid: Tensor, tasks: TaskSet, tol: float | None, cap: int) -> IccgResult:
+    def _best(
+        self, grid: Tensor, tasks: TaskSet, tol: float | None, cap: int,
+        solve_shifts: _ShiftsSolver, per_round: int,
+    ) -> IccgResult:  # fmt: skip
         """Psi_best: per task, the grid shift's solve with the fewest iterations.
 
-        Ties go to the smaller shift. The solves are kept, not repeated: on
-        ill-conditioned beams a repeat in another batch can round differently.
+        ``solve_shifts`` solves ``per_round`` shifts of the grid at a time. Ties go
+        to the smaller shift. The solves are kept, not repeated: on ill-conditioned
+        beams a repeat in another batch can round differently.
         """
         if tol is None:
             raise ValueError("Psi_best minimises iterations to a tolerance; give one")
+        shifts = [
+            torch.full((len(tasks),), alpha, dtype=torch.float64, device=self.device)
+            for alpha in grid.tolist()
+        ]
+        results = (
+            result
+            for start in range(0, len(shifts), per_round)
+            for result in solve_shifts(
+                tasks["A"], tasks["b"], shifts[start : start + per_round], tol, cap
+            )
+        )
         best: list[Tensor] = []
         best_counts = torch.empty(0)
-        for alpha in grid.tolist():
-            result = iccg(
-                tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=cap, pattern=self.pattern
-            )
+        for result in results:
             counts = torch.where(result.converged, result.iterations, cap + 1)
             parts = [getattr(result, f.name) for f in fields(result)]
             parts[2] = nn.functional.pad(parts[2], (0, cap + 1 - parts[2].shape[1]))  # history
@@ -388,11 +479,16 @@ class ElasticityIccg:
         """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap).
 
         ``engine="petsc"`` solves a meta-solver's shifts with :class:`PetscIccg` over
-        ``workers`` processes, as training does with that engine (Psi_best stays in torch).
+        ``workers`` processes, as training does with that engine; Psi_best's grid
+        goes there in one round (PETSc's default shift has its own solve either way).
         """
         if engine not in ("torch", "petsc"):
             raise ValueError(f"unknown engine {engine!r}; expected 'torch' or 'petsc'")
-        if engine == "petsc" and not isinstance(metasolver, ShiftGrid):
+        if engine == "petsc" and isinstance(metasolver, ShiftGrid):
+            solve = self._petsc_solver(workers)
+            grid = metasolver.grid
+            result = self._best(grid, tasks, tol, max_iterations, solve, len(grid))
+        elif engine == "petsc" and not isinstance(metasolver, PetscDefaultShift):
             alpha = metasolver(tasks["features"])
             solve = self._petsc_solver(workers)
             (result,) = solve(tasks["A"], tasks["b"], [alpha], tol, max_iterations)
@@ -438,7 +534,8 @@ class ElasticityIccg:
 
         ``gamma`` weighs the ICF penalty (``None``: the paper's :attr:`gamma`, 500).
 
-        Neither option is the paper's; both change only the derivative of the solve
+        ``clip`` and ``smooth`` (``None`` or 0: the paper's exact derivative) are not the
+        paper's; both change only the derivative of the solve
         loss in ``log alpha``, never its value or the penalty's derivative. The exact
         derivative of CG's late residuals in alpha is heavy-tailed on these beams: a
         few tasks carry most of a batch's gradient (see docs/results.md, Table 2).
@@ -458,6 +555,8 @@ class ElasticityIccg:
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
         if loss == "surrogate" and tol is None:
             raise ValueError("the surrogate loss needs a training tolerance (--tol)")
+        if smooth == 0 and not isinstance(smooth, bool):
+            smooth = None  # a step of 0: the exact derivative
         for name, option in (("clip", clip), ("smooth", smooth)):
             if option is not None and not option > 0:
                 raise ValueError(f"{name} must be positive, got {option!r}")
@@ -523,6 +622,12 @@ class RobertsonNewtonSor:
     coarse_grid: ClassVar[tuple[float, ...]] = tuple(1 + k / 20 for k in range(20))
     #: Tasks per solve when evaluating: the history of a long tail stays small.
     evaluation_chunk: ClassVar[int] = 4096
+    #: What ``femeta evaluate --baseline`` takes: Psi_base, ``y_n`` and ``r_base``.
+    baselines: ClassVar[tuple[str, ...]] = ("base",)
+    #: What solves ``stats`` can run on (``femeta evaluate --engine``).
+    engines: ClassVar[tuple[str, ...]] = ("torch",)
+    #: The paper's training settings (Table 1), which are also the best known here.
+    paper_options: ClassVar[Mapping[str, Any]] = _TORCH_ONLY
 
     head: str = "both"
     sets: int = 10_000
@@ -551,6 +656,11 @@ class RobertsonNewtonSor:
             "relax": "relaxation factor r (y0 = y_n)",
             "both": "initial guess y0 and relaxation factor r",
         }[self.head]
+
+    @classmethod
+    def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+        """The paper's settings (:attr:`paper_options`): no better ones are known here."""
+        return dict(cls.paper_options)
 
     def params(self) -> dict[str, Any]:
         return {"head": self.head, "sets": self.sets, "guess_init": self.guess_init}
@@ -778,6 +888,13 @@ EXPERIMENTS: dict[str, Callable[..., Experiment]] = {
     "elasticity": ElasticityIccg,
     "robertson": RobertsonNewtonSor,
 }
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -19,6 +19,7 @@ __all__ = [
     "ConstantShift",
     "EigenbasisGuess",
     "NewtonSorNet",
+    "PetscDefaultShift",
     "PreviousStep",
     "ShiftGrid",
     "ShiftNet",
@@ -117,6 +118,18 @@ class ShiftGrid(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         raise TypeError("Psi_best needs the solver; call the experiment's solve() with it")
+
+
+class PetscDefaultShift(nn.Module):
+    """The baseline a FEniCS user already has: no alpha, PETSc's ICC with its default shift.
+
+    PETSc's ICC(0) of ``A`` itself, shift type ``POSITIVE_DEFINITE`` (it shifts the
+    diagonal only when a pivot breaks down). It has no forward pass: the experiment
+    runs PETSc's solve for it.
+    """
+
+    def forward(self, features: Tensor) -> Tensor:
+        raise TypeError("PETSc's default ICC has no shift; call the experiment's solve() with it")
 
 
 class ShiftNet(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
-from femeta.experiments import get_experiment, resolve_device
+from femeta.experiments import EXPERIMENTS, TRAIN_DEFAULTS, get_experiment, resolve_device
 from femeta.model import FORMAT_VERSION
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainResult, train
@@ -24,9 +24,11 @@ __all__ = [
     "baseline_metasolver",
     "build_experiment",
     "evaluate_metasolver",
+    "load_checkpoint",
     "load_metasolver",
     "monitor_cap",
     "read_checkpoint",
+    "resolve_options",
     "resume_training",
     "train_metasolver",
 ]
@@ -41,17 +43,21 @@ class TrainOptions:
     ``None`` picks the experiment's default: for ``m`` (the fixed iteration
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
-    ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings).
-    ``p`` is an option of ``poisson1d`` only; ``clip`` and ``smooth`` (``None``:
-    the paper's exact derivative), ``gamma`` (the weight of the ICF penalty;
-    ``None``: the paper's 500), ``ic_pattern`` (``None``: ``"stored"``) and
-    ``inputs`` (``None``: ``"invariant"``) of ``elasticity`` only; ``head``, ``sets``
-    and ``guess_init`` of ``robertson`` only. ``select`` keeps the epoch with the
-    lowest validation loss (the paper) or, with ``"iterations"``, the fewest mean
-    validation iterations, which needs the monitor. ``engine="petsc"`` runs the
-    training, validation and monitor solves of ``elasticity`` with ``smooth`` in
-    PETSc (evaluation stays in torch) over ``workers`` processes; ``workers``
-    changes the wall time and nothing else.
+    ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings). For
+    ``smooth``, ``engine``, ``workers`` and ``inputs`` it is the experiment's
+    ``recommended_options`` (the best known settings), or with ``paper`` its
+    ``paper_options`` (:func:`resolve_options`); an option given always wins, and
+    with ``paper`` one that differs from the paper's is an error.
+    ``p`` is an option of ``poisson1d`` only; ``clip``, ``smooth`` (the step of the
+    smoothed derivative in log alpha; 0: the paper's exact derivative), ``gamma`` (the
+    weight of the ICF penalty; ``None``: the paper's 500), ``ic_pattern`` (``None``:
+    ``"stored"``) and ``inputs`` (``"invariant"`` or ``"paper"``) of ``elasticity``
+    only; ``head``, ``sets`` and ``guess_init`` of ``robertson`` only. ``select``
+    keeps the epoch with the lowest validation loss (the paper) or, with
+    ``"iterations"``, the fewest mean validation iterations, which needs the
+    monitor. ``engine="petsc"`` runs the training, validation and monitor solves of
+    ``elasticity`` with a smoothed derivative in PETSc (evaluation stays in torch)
+    over ``workers`` processes; ``workers`` changes the wall time and nothing else.
     :func:`train_metasolver` saves the resolved values.
     """
 
@@ -71,19 +77,22 @@ class TrainOptions:
     sets: int | None = None
     guess_init: str | None = None
     select: str = "loss"
-    engine: str = "torch"
-    workers: int = 1
+    engine: str | None = None
+    workers: int | None = None
     gamma: float | None = None
     ic_pattern: str | None = None
     inputs: str | None = None
+    paper: bool = False
 
     def __post_init__(self) -> None:
         for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
             value = getattr(self, name)
-            if not (value is None and name not in ("seed", "workers")) and (
+            if not (value is None and name != "seed") and (
                 isinstance(value, bool) or not isinstance(value, int)
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.paper, bool):
+            raise ValueError(f"paper must be true or false, got {self.paper!r}")
         for name in ("tol", "p", "gain", "lr", "clip", "smooth", "gamma"):
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
@@ -92,13 +101,15 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string, got {value!r}")
-        if self.engine not in ("torch", "petsc"):
+        if self.engine not in (None, "torch", "petsc"):
             raise ValueError(f"engine must be 'torch' or 'petsc', got {self.engine!r}")
-        if self.engine == "petsc" and self.smooth is None:
+        if self.engine == "petsc" and self.smooth == 0:
             raise ValueError(
                 "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha"
             )
-        if self.workers < 1 or (self.workers > 1 and self.engine != "petsc"):
+        if self.workers is not None and (
+            self.workers < 1 or (self.workers > 1 and self.engine == "torch")
+        ):
             raise ValueError(
                 f"workers must be 1, or more with --engine petsc only, got {self.workers}"
             )
@@ -112,15 +123,19 @@ class TrainOptions:
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
-        for name in ("clip", "smooth", "gamma"):
+        for name in ("clip", "gamma"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.smooth is not None and not self.smooth >= 0:
+            raise ValueError(
+                f"smooth must be positive, or 0 for the exact derivative, got {self.smooth!r}"
+            )
         for name in ("smooth", "gamma"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be positive and finite, got {value!r}")
-        if self.clip is not None and self.smooth is not None:
+        if self.clip is not None and self.smooth:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
 
 
@@ -134,6 +149,44 @@ def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
     if options.loss == "surrogate" and options.m is not None:
         return max(evaluation_cap, options.m)
     return evaluation_cap
+
+
+def resolve_options(options: TrainOptions, device: str | torch.device) -> TrainOptions:
+    """``options`` with ``smooth``, ``engine``, ``workers`` and ``inputs`` set.
+
+    What is not given comes from the problem's experiment: its best known
+    settings for training on ``device`` (``recommended_options``), or with
+    ``options.paper`` the paper's (``paper_options``), where giving a value
+    that differs from the paper's is an error. Given values are kept.
+    """
+    if options.problem not in EXPERIMENTS:
+        raise ValueError(
+            f"unknown problem {options.problem!r}; expected one of {sorted(EXPERIMENTS)}"
+        )
+    factory = EXPERIMENTS[options.problem]
+    given = {name: getattr(options, name) for name in (*TRAIN_DEFAULTS, "clip")}
+    chosen = {name: given[name] for name in TRAIN_DEFAULTS if given[name] is not None}
+    if options.paper:
+        paper = factory.paper_options
+        differ = {name: value for name, value in chosen.items()
+                  if name in paper and value != paper[name]}  # fmt: skip
+        if differ:
+            settings = ", ".join(_flag(name, value) for name, value in paper.items())
+            dropped = " and ".join(_flag(name, value) for name, value in differ.items())
+            raise ValueError(
+                f"--paper trains {options.problem} with the paper's {settings}; "
+                f"drop {dropped}, or drop --paper"
+            )
+        defaults = dict(paper)
+    else:
+        defaults = factory.recommended_options(given, resolve_device(device))
+    return replace(options, **(defaults | chosen))
+
+
+def _flag(name: str, value: Any) -> str:
+    """``--name value``, as on the command line."""
+    shown = f"{value:g}" if isinstance(value, float) else value
+    return f"--{name.replace('_', '-')} {shown}"
 
 
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
@@ -196,17 +249,67 @@ def resume_training(
     )
 
 
+def load_checkpoint(
+    path: Path,
+    problem: str,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> tuple[Any, nn.Module, dict[str, Any]]:
+    """The best weights so far of an interrupted (or running) run's ``checkpoint.pt``.
+
+    ``overrides`` (``p``, ``sets``, ``ic_pattern``) change the task distribution, as in
+    :func:`load_metasolver`. Returns the experiment, the meta-solver on ``device`` and
+    how far the training had come: ``epochs_done``, ``epochs``, ``best_epoch`` and
+    ``best_validation_loss``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise RunError(
+            f"{path} {what}; give the checkpoint.pt that `femeta train --out RUN_DIR` keeps "
+            "in RUN_DIR until the run completes"
+        )
+    options, trainer = read_checkpoint(path)
+    if options.problem != problem:
+        raise RunError(f"{path} is a checkpoint of a {options.problem!r} run, not {problem!r}")
+    try:
+        experiment = build_experiment(replace(options, **overrides), device)
+    except (TypeError, ValueError) as err:
+        raise RunError(f"cannot evaluate {path} with these options: {err}") from err
+    try:
+        state = trainer["best_state"]
+        progress = {
+            "epochs_done": int(trainer["epoch"]),
+            "epochs": options.epochs,
+            "best_epoch": int(trainer["best_epoch"]),
+            "best_validation_loss": float(trainer["best_validation_loss"]),
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{path} is not a readable femeta checkpoint (no {err})") from err
+    metasolver = experiment.metasolver("nn")
+    restore(metasolver, state, path)
+    metasolver.eval()
+    return experiment, metasolver, progress
+
+
 def read_checkpoint(path: Path) -> tuple[TrainOptions, dict[str, Any]]:
     """The options and the trainer's state (weights, best weights, optimiser, history)
     of an interrupted run's ``checkpoint.pt``."""
     try:
         saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a truncated or foreign file fails in many ways
+        raise RunError(
+            f"{path} is not a readable femeta checkpoint (torch.load failed with "
+            f"{type(err).__name__}: truncated, or not written by `femeta train`)"
+        ) from err
+    try:
         options = TrainOptions(
             **_saved_beam_options(saved["options"].get("problem"), saved["options"])
         )
         return options, saved["trainer"]
-    except Exception as err:  # a truncated or foreign file fails in many ways
-        raise RunError(f"{path} is not a readable femeta checkpoint ({err})") from err
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RunError(f"{path} is not a readable femeta checkpoint ({first})") from err
 
 
 def _train(
@@ -223,6 +326,8 @@ def _train(
             "select='iterations' keeps the epoch with the fewest validation iterations, "
             "which only the monitor measures; turn the monitor on (drop --no-monitor)"
         )
+    if resume is None:  # a checkpoint holds resolved options
+        options = resolve_options(options, device)
     experiment = build_experiment(options, device)
     config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
     config = replace(config, select=options.select)
@@ -381,7 +486,25 @@ def evaluate_metasolver(
     tol: float,
     seed: int = 0,
     max_iterations: int | None = None,
+    engine: str = "torch",
+    workers: int = 1,
 ) -> IterationStats:
-    """L_eps on the test split: iterations of Phi_eps from Psi's parameters, per task."""
+    """L_eps on the test split: iterations of Phi_eps from Psi's parameters, per task.
+
+    ``engine`` is one of the experiment's ``engines``: ``"petsc"`` solves in PETSc
+    over ``workers`` processes (the counts differ from torch's only by rounding).
+    """
+    if engine not in experiment.engines:
+        raise ValueError(
+            f"--engine for {experiment.name} must be one of {list(experiment.engines)}, "
+            f"got {engine!r}"
+        )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if workers > 1 and engine == "torch":
+        raise ValueError(f"workers must be 1, or more with --engine petsc only, got {workers}")
     cap = experiment.evaluation_cap if max_iterations is None else max_iterations
-    return experiment.stats(metasolver, experiment.tasks("test", seed), tol, cap)
+    tasks = experiment.tasks("test", seed)
+    if engine == "torch":
+        return experiment.stats(metasolver, tasks, tol, cap)
+    return experiment.stats(metasolver, tasks, tol, cap, engine=engine, workers=workers)

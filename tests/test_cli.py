@@ -7,12 +7,14 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from femeta.evaluation import IterationStats
-from femeta.experiments import ElasticityIccg
+from femeta.experiments import ElasticityIccg, available_cores, get_experiment
 from femeta.solvers.iccg import petsc_iccg
-from femeta.workflow import load_metasolver
+from femeta.solvers.petsc import default_icc
+from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +160,8 @@ def test_plot_writes_training_curves_and_histograms(tmp_path, trained, invoke):
 def beam_model(tmp_path_factory, invoke):
     """A 1-epoch L_m (m = 1) elasticity run: the cheapest training through ICCG."""
     out = tmp_path_factory.mktemp("runs") / "beam"
-    result = invoke("train", "elasticity", "--loss", "m", "--m", "1", "--epochs", "1",
-                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+    result = invoke("train", "elasticity", "--loss", "m", "--m", "1", "--smooth", "0",
+                    "--epochs", "1", "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
 
@@ -188,6 +190,38 @@ def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     assert math.isfinite(history[0]["train_loss"]) and history[0]["skipped_steps"] == 0
 
 
+@pytest.fixture
+def no_base_shift(monkeypatch):
+    """Psi_base's shift, saved with a beam model, takes minutes of IC(0) factorizations of
+    the training beams; the tests that use this fixture do not look at it."""
+    monkeypatch.setattr(ElasticityIccg, "base_shift", lambda self, tasks: 0.1)
+
+
+def test_train_elasticity_defaults_to_the_best_known_settings(tmp_path, invoke, no_base_shift):
+    out = tmp_path / "defaults"
+    result = invoke("train", "elasticity", "--loss", "m", "--m", "1", "--epochs", "1",
+                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert (options["smooth"], options["engine"], options["inputs"]) == (0.25, "petsc", "invariant")
+    assert options["workers"] == available_cores() and options["paper"] is False
+
+
+def test_train_elasticity_with_the_papers_settings(tmp_path, invoke, no_base_shift):
+    out = tmp_path / "paper"
+    result = invoke("train", "elasticity", "--paper", "--loss", "m", "--m", "1", "--epochs", "1",
+                    "--no-monitor", "--device", "cpu", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    options = config["options"]
+    assert (options["smooth"], options["engine"], options["workers"]) == (0.0, "torch", 1)
+    assert options["inputs"] == config["problem_params"]["inputs"] == "paper"
+    assert options["paper"] is True and options["gamma"] == 500.0 and options["lr"] == 1e-3
+    result = invoke("train", "elasticity", "--paper", "--smooth", "0.25", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "drop --smooth 0.25, or drop --paper" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
@@ -197,6 +231,84 @@ def test_train_elasticity_saves_the_paper_defaults(beam_model):
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
     assert config["train_config"]["schedule"] == "steps"
+
+
+def test_evaluate_elasticity_baseline_petsc_is_petscs_default_icc(invoke):
+    result = invoke("evaluate", "elasticity", "--baseline", "petsc", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["model"], summary["n_tasks"], summary["max_iterations"]) == ("petsc", 1000, 243)
+    experiment = ElasticityIccg()
+    test = experiment.tasks("test", 0)
+    solved = default_icc(test["A"], test["b"], tol=1e-6, max_iterations=243,
+                         pattern=experiment.pattern)  # fmt: skip
+    reference = IterationStats.from_result(solved, 1e-6, 243)
+    assert summary["mean_iterations"] == reference.mean_iterations
+    assert summary["convergence_ratio"] == reference.convergence_ratio < 1
+
+
+def test_evaluate_elasticity_with_the_petsc_engine(invoke):
+    result = invoke("evaluate", "elasticity", "--baseline", "base", "--engine", "petsc",
+                    "--workers", "2", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    experiment = ElasticityIccg()
+    alpha = experiment.base_shift(experiment.tasks("train", 0))
+    test = experiment.tasks("test", 0)
+    solved = petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243,
+                        pattern=experiment.pattern)  # fmt: skip
+    reference = IterationStats.from_result(solved, 1e-6, 243)
+    assert summary["engine"] == "petsc" and summary["mean_iterations"] == reference.mean_iterations
+    cases = {
+        ("evaluate", "poisson1d", "--baseline", "base", "--engine", "petsc"):
+            "--engine for poisson1d must be one of ['torch']",
+        ("evaluate", "elasticity", "--baseline", "base", "--workers", "2"): "engine petsc only",
+        ("evaluate", "elasticity", "--baseline", "base", "--engine", "petsc", "--workers", "0"):
+            "workers must be",
+    }  # fmt: skip
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+
+
+def test_evaluate_a_checkpoint_gives_its_best_weights_so_far(tmp_path, invoke):
+    def stop_in_the_third_epoch(record):  # epoch 2 is checkpointed, epoch 3 is not
+        if record.epoch == 3:
+            raise KeyboardInterrupt
+
+    options = TrainOptions(loss="m", m=2, epochs=4, p=0.01)
+    with pytest.raises(KeyboardInterrupt):
+        train_metasolver(options, tmp_path / "run", stop_in_the_third_epoch, checkpoint_seconds=0)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    result = invoke("evaluate", "poisson1d", "--checkpoint", checkpoint, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    trainer = torch.load(checkpoint, weights_only=True)["trainer"]
+    assert (summary["epochs_done"], summary["epochs"]) == (2, 4)
+    assert summary["best_epoch"] == trainer["best_epoch"] in (1, 2) and summary["p"] == 0.01
+    experiment = get_experiment("poisson1d", p=0.01)
+    network = experiment.metasolver("nn")
+    network.load_state_dict(trainer["best_state"])
+    expected = evaluate_metasolver(experiment, network.eval(), 1e-6)
+    assert summary["mean_iterations"] == expected.mean_iterations
+    text = invoke("evaluate", "poisson1d", "--checkpoint", checkpoint)
+    assert text.exit_code == 0 and "best weights so far: epoch" in text.output
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    cases = {
+        ("evaluate", "poisson1d", "--checkpoint", tmp_path / "none.pt"): "does not exist",
+        ("evaluate", "poisson1d", "--checkpoint", tmp_path / "run"): "is a directory",
+        ("evaluate", "poisson1d", "--checkpoint", tmp_path / "corrupt.pt"):
+            "not a readable femeta checkpoint",
+        ("evaluate", "robertson", "--checkpoint", checkpoint): "of a 'poisson1d' run",
+        ("evaluate", "poisson1d", "--checkpoint", checkpoint, "--baseline", "base"):
+            "exactly one of",
+    }  # fmt: skip
+    for args, message in cases.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (args, result.output)
 
 
 def test_a_beam_run_saved_without_its_pattern_loads_with_values(beam_model, tmp_path):
@@ -228,7 +340,12 @@ def test_elasticity_option_errors(beam_model, trained, invoke):
         ("evaluate", "elasticity", "--model", trained): "model for 'poisson1d'",
         ("evaluate", "elasticity", "--model", beam_model, "--p", "0.1"): "poisson1d only",
         ("evaluate", "poisson1d", "--baseline", "best"): "must be one of ['base']",
-        ("evaluate", "elasticity", "--baseline", "worst"): "must be one of ['base', 'best']",
+        (
+            "evaluate",
+            "elasticity",
+            "--baseline",
+            "worst",
+        ): "must be one of ['base', 'best', 'petsc']",
         ("train", "elasticity", "--p", "0.1", "--out", beam_model.parent / "p"): "no option p",
         (
             "train",

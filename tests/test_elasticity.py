@@ -110,8 +110,9 @@ def test_stocky_tip_deflection_is_close_to_beam_theory(beam):
 
 def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
     # lambda and mu scale A's free block together, rho scales b: with a relative shift and a
-    # relative tolerance the ICCG run is the same (exactly so here, on a stout beam, where
-    # rounding does not move CG; slender beams differ by a few iterations, see docs/results.md).
+    # relative tolerance the ICCG run is the same up to rounding (here, on a stout beam, to one
+    # iteration where the residual crosses the tolerance at the edge of an iteration; slender
+    # beams differ by a few iterations, see docs/results.md).
     width, lam, mu, rho = 0.1, 0.3, 3.0, 5.0
     scales = ((1.0, 1.0), (7.0, 1.0), (0.2, 9.0), (1.0, 0.1))
     params = torch.tensor(
@@ -128,7 +129,7 @@ def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
         torch.testing.assert_close(b_k, r * b[0], rtol=1e-12, atol=0)
     for alpha in (0.01, 0.1):
         iterations = iccg(A, b, alpha, tol=1e-6, max_iterations=243).iterations
-        assert bool((iterations == iterations[0]).all()) and int(iterations[0]) < 243
+        assert int(iterations.max() - iterations.min()) <= 1 and int(iterations.max()) < 243
 
 
 def failing_shift(A: torch.Tensor, pattern: torch.Tensor | None) -> list[float]:

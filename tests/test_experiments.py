@@ -259,7 +259,7 @@ def test_unknown_options_and_meta_solvers_are_rejected():
         get_experiment("elasticity", p=0.01)
     with pytest.raises(ValueError, match="unknown problem"):
         get_experiment("heat")
-    with pytest.raises(ValueError, match="expected 'base', 'best' or 'nn'"):
+    with pytest.raises(ValueError, match="expected 'base', 'best', 'petsc' or 'nn'"):
         ElasticityIccg().metasolver("worst")
     with pytest.raises(ValueError, match="train_tasks"):
         ElasticityIccg().metasolver("base")
@@ -452,3 +452,17 @@ def test_robertson_defaults_and_option_errors():
         get_experiment("elasticity", head="both")
     with pytest.raises(ValueError, match="Psi_base is fitted on the training tasks"):
         experiment.metasolver("base")
+
+
+def test_psi_best_in_petsc_is_the_best_of_the_grid_solved_there(experiment, tasks):
+    from femeta.solvers.petsc import PetscIccg
+
+    subset = tasks.subset(slice(0, 6))
+    best = ShiftGrid(experiment.alpha_grid)
+    stats = experiment.stats(best, subset, 1e-6, 243, engine="petsc", workers=2)
+    with PetscIccg() as engine:
+        grid = engine.many(subset["A"], subset["b"], experiment.alpha_grid.tolist(), tol=1e-6,
+                           max_iterations=243, pattern=experiment.pattern)  # fmt: skip
+    counts = torch.stack([torch.where(r.converged, r.iterations, 244) for r in grid])
+    expected = counts.min(0).values.clamp(max=243)
+    assert stats.iterations.tolist() == expected.tolist()

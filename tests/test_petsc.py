@@ -215,3 +215,23 @@ def test_bad_use_gets_a_clear_error():
         engine(A, b, alpha, tol=1e-10, max_iterations=40)
     with pytest.raises(RuntimeError, match="closed"):  # no stale reply is ever read
         engine(A, b, alpha, tol=1e-10, max_iterations=40)
+
+
+def test_default_icc_shifts_only_where_ic0_of_a_breaks_down():
+    """PETSc's default shift (POSITIVE_DEFINITE) leaves IC(0) of A alone where it succeeds."""
+    from femeta.solvers.petsc import PetscIccg, default_icc
+
+    A, b, _ = systems()
+    default = default_icc(A, b, tol=1e-10, max_iterations=40)
+    with PetscIccg() as engine:  # A + 1e-30 diag(A) rounds to A: IC(0) of A, shift type NONE
+        unshifted = engine(A, b, 1e-30, tol=1e-10, max_iterations=40)
+    assert bool(unshifted.factorization_failed[0]) and not bool(
+        unshifted.factorization_failed[1:].any()
+    )
+    assert not bool(default.factorization_failed.any()) and bool(default.converged.all())
+    for name in ("x", "iterations", "converged"):
+        assert torch.equal(getattr(default, name)[1:], getattr(unshifted, name)[1:]), name
+    width = default.history.shape[1]  # zero-padded after each solve, to the longest
+    assert torch.equal(default.history[1:], unshifted.history[1:, :width])
+    with pytest.raises(ValueError, match="pattern must hold every stored entry"):
+        default_icc(A, b, tol=1e-10, max_iterations=40, pattern=torch.eye(A.shape[1]) > 0)

@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from femeta.experiments import ElasticityIccg
+from femeta.experiments import ElasticityIccg, available_cores
 from femeta.workflow import (
     TrainOptions,
     evaluate_metasolver,
     load_metasolver,
     monitor_cap,
+    resolve_options,
     resume_training,
     train_metasolver,
 )
@@ -97,7 +98,7 @@ def test_the_icf_penalty_weight_reaches_the_objective_and_the_saved_run(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ElasticityIccg, "objective", spy)
-    options = TrainOptions(problem="elasticity", loss="m", m=1, epochs=1, gamma=gamma)
+    options = TrainOptions(problem="elasticity", loss="m", m=1, smooth=0.0, epochs=1, gamma=gamma)
     train_metasolver(options, tmp_path / "run")
     assert seen == [in_force]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
@@ -110,7 +111,7 @@ def test_a_beam_checkpoint_saved_without_its_pattern_resumes_with_values(tmp_pat
         if record.epoch == 2:
             raise KeyboardInterrupt
 
-    options = TrainOptions(problem="elasticity", loss="m", m=1, epochs=2)
+    options = TrainOptions(problem="elasticity", loss="m", m=1, smooth=0.0, epochs=2)
     with pytest.raises(KeyboardInterrupt):
         train_metasolver(options, tmp_path, stop_after_the_first_epoch, checkpoint_seconds=0)
     path = tmp_path / "checkpoint.pt"
@@ -129,3 +130,41 @@ def test_a_beam_checkpoint_saved_without_its_pattern_resumes_with_values(tmp_pat
     experiment, _, result = resume_training(tmp_path, "elasticity")
     assert experiment.ic_pattern == "values" and patterns == ["values"]
     assert [record.epoch for record in result.history] == [1, 2]
+
+
+def derivative_options(options):
+    return (options.smooth, options.engine, options.workers, options.inputs)
+
+
+def test_beams_train_with_the_best_known_settings_unless_told_otherwise():
+    def resolved(**given):
+        return derivative_options(
+            resolve_options(TrainOptions(problem="elasticity", **given), "cpu")
+        )
+
+    cores = available_cores()
+    assert resolved() == (0.25, "petsc", cores, "invariant")
+    assert resolved(paper=True) == (0.0, "torch", 1, "paper")
+    # What is given wins, and what follows from it follows.
+    assert resolved(smooth=0.5) == (0.5, "petsc", cores, "invariant")
+    assert resolved(smooth=0.0) == (0.0, "torch", 1, "invariant")
+    assert resolved(clip=100.0) == (0.0, "torch", 1, "invariant")
+    assert resolved(engine="torch") == (0.25, "torch", 1, "invariant")
+    assert resolved(workers=1, inputs="paper") == (0.25, "petsc", 1, "paper")
+    assert resolved(paper=True, smooth=0.0, epochs=5) == (0.0, "torch", 1, "paper")
+    # A GPU keeps the torch solves.
+    on_gpu = ElasticityIccg.recommended_options({}, torch.device("cuda"))
+    assert on_gpu == {"smooth": 0.25, "engine": "torch", "workers": 1, "inputs": "invariant"}
+    with pytest.raises(
+        ValueError, match=r"drop --smooth 0\.25 and --engine petsc, or drop --paper"
+    ):
+        resolved(paper=True, smooth=0.25, engine="petsc")
+    with pytest.raises(ValueError, match="needs --smooth"):
+        resolved(clip=100.0, engine="petsc")
+
+
+@pytest.mark.parametrize("problem", ["poisson1d", "robertson"])
+def test_the_papers_settings_are_the_best_known_for_poisson_and_robertson(problem):
+    for paper in (False, True):
+        options = resolve_options(TrainOptions(problem=problem, paper=paper), "cpu")
+        assert derivative_options(options) == (None, "torch", 1, None)

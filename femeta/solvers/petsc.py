@@ -32,7 +32,7 @@ from femeta._fenics import import_dolfinx
 from femeta.solvers.base import check_stopping
 from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs, _check_pattern
 
-__all__ = ["PetscIccg"]
+__all__ = ["PetscIccg", "default_icc"]
 
 # Variables through which a process finds its MPI launcher. A worker drops them, so
 # that its MPI starts as a singleton instead of joining the parent's job.
@@ -332,21 +332,15 @@ class _Kept:
     """One system's matrix, preconditioning matrix, KSP and vectors."""
 
     def __init__(self, key: int, csr: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        from mpi4py import MPI
         from petsc4py import PETSc
 
         indptr, indices, _ = self.csr = csr
         n = len(indptr) - 1
         self.on_diagonal = np.repeat(np.arange(n), np.diff(indptr)) == indices
-        self.matrix = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
-        self.preconditioning = PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
-        self.ksp = PETSc.KSP().create(MPI.COMM_SELF)
-        self.ksp.setOptionsPrefix(f"femeta_iccg_{key}_")
-        self.ksp.setOperators(self.matrix, self.preconditioning)
-        self.ksp.setType(PETSc.KSP.Type.CG)
-        self.ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        self.matrix = _aij(csr)
+        self.preconditioning = _aij(csr)
+        self.ksp = _cg_icc(f"femeta_iccg_{key}_", self.matrix, self.preconditioning)
         pc = self.ksp.getPC()
-        pc.setType(PETSc.PC.Type.ICC)
         pc.setFactorLevels(0)
         pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
         pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
@@ -374,6 +368,77 @@ class _Kept:
     def destroy(self) -> None:
         for item in (self.ksp, self.solution, self.right, self.preconditioning, self.matrix):
             item.destroy()
+
+
+def _aij(csr: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Any:
+    """A serial PETSc AIJ matrix that stores exactly the entries of ``csr`` (zeros too)."""
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    n = len(csr[0]) - 1
+    return PETSc.Mat().createAIJ((n, n), csr=csr, comm=MPI.COMM_SELF)
+
+
+def _cg_icc(prefix: str, matrix: Any, preconditioning: Any) -> Any:
+    """A serial KSP: CG on the unpreconditioned residual, ICC of ``preconditioning``.
+
+    Options are set through the API under ``prefix``; the global options database
+    is never touched.
+    """
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    ksp = PETSc.KSP().create(MPI.COMM_SELF)
+    ksp.setOptionsPrefix(prefix)
+    ksp.setOperators(matrix, preconditioning)
+    ksp.setType(PETSc.KSP.Type.CG)
+    ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+    ksp.getPC().setType(PETSc.PC.Type.ICC)
+    return ksp
+
+
+def default_icc(
+    A: Tensor, b: Tensor, *, tol: float | None, max_iterations: int,
+    pattern: Tensor | None = None,
+) -> IccgResult:  # fmt: skip
+    """CG + PETSc's ICC(0) of ``A`` with PETSc's default shift, one KSP per task, serial.
+
+    What a FEniCS script gets from ``-ksp_type cg -pc_type icc``: ICC's levels,
+    ordering and shift type are left at PETSc's defaults (shift type
+    ``POSITIVE_DEFINITE``, which shifts the diagonal only as far as a breakdown
+    needs), on ``A`` itself. The rest is as in :class:`PetscIccg`: ``A`` stores the
+    entries of ``pattern`` (explicit zeros included; default: the nonzeros of
+    ``A``), the unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero
+    initial guess. ``factorization_failed`` flags a breakdown that the shift did
+    not prevent.
+    """
+    check_stopping(tol, max_iterations)
+    A, b, _, _ = _check_inputs(A, b, 1.0, None, _CPU, torch.float64)
+    kept = _check_pattern(pattern, A)
+    dense, rhs = A.numpy(), b.numpy()
+    masks = dense != 0 if kept is None else kept.numpy()
+    import_dolfinx()
+    from petsc4py import PETSc
+
+    outcomes = []
+    for task in range(len(rhs)):
+        system = _System.from_dense(task, dense[task], masks[task], PETSc.IntType)
+        matrix = _aij(system.csr)
+        ksp = _cg_icc(f"femeta_default_icc_{task}_", matrix, matrix)
+        ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
+        ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
+        solution, right = matrix.createVecs()
+        right.setArray(rhs[task])
+        ksp.solve(right, solution)
+        outcomes.append((
+            solution.getArray().copy(),
+            ksp.getIterationNumber(),
+            np.array(ksp.getConvergenceHistory()),
+            int(ksp.getConvergedReason()),
+        ))  # fmt: skip
+        for item in (ksp, solution, right, matrix):
+            item.destroy()
+    return _assemble(outcomes, rhs, tol, max_iterations)
 
 
 class _Child:

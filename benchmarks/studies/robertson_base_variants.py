@@ -6,7 +6,7 @@ reading of the text gives far fewer. This script solves the same training tasks
 factor ``r`` and the previous state as guess, under variants of the details the
 paper leaves open, and prints the mean iterations (cap 10^4) for each.
 
-    python benchmarks/robertson_base_variants.py [--sets 100] [--r 1.0,1.2,1.37,1.45]
+    python benchmarks/studies/robertson_base_variants.py [--sets 100] [--r 1.0,1.2,1.37,1.45]
 """
 
 from __future__ import annotations

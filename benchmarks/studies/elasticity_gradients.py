@@ -2,7 +2,8 @@
 
 Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
 
-    .venv/bin/python benchmarks/elasticity_gradients.py RUN_OR_CHECKPOINT [--tasks 128] [--smooth H]
+    .venv/bin/python benchmarks/studies/elasticity_gradients.py RUN_OR_CHECKPOINT \\
+        [--tasks 128] [--smooth H]
 
 For the first ``--tasks`` training beams it takes the shifts the meta-solver
 predicts (from a finished run directory, or the current weights of an

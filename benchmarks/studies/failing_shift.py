@@ -2,7 +2,7 @@
 
 Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
 
-    .venv/bin/python benchmarks/failing_shift.py [--split test]
+    .venv/bin/python benchmarks/studies/failing_shift.py [--split test]
 
 For each pattern it prints the shift below which IC(0) fails (bisected in log alpha):
 for two tasks that are the same beam (lambda and mu divided by 10), along a line of

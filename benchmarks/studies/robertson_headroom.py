@@ -2,7 +2,7 @@
 
 Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
 
-    .venv/bin/python benchmarks/robertson_headroom.py [--every 10] [--model RUN_DIR]
+    .venv/bin/python benchmarks/studies/robertson_headroom.py [--every 10] [--model RUN_DIR]
 
 On 1 in ``every`` test tasks, drawn at random (tolerance 1e-9, cap 10^4, one thread), for
 each initial guess (``y_n``, and the guess of the model in ``RUN_DIR`` when

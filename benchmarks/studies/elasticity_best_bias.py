@@ -13,7 +13,7 @@ the shifts it predicts for the beams (a model reads a beam's features, not the
 scaled matrix: the copy is the same beam), so the two compare on rounding
 neither was selected on.
 
-Run: python benchmarks/elasticity_best_bias.py [--cap 243] [--scales 7 ...]
+Run: python benchmarks/studies/elasticity_best_bias.py [--cap 243] [--scales 7 ...]
 [--model RUN_DIR ...] [--threads 1] [--ic-pattern stored|values]
 (default pattern: femeta's, ``stored``)
 """

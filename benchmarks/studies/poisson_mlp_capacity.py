@@ -7,7 +7,8 @@ generous budget, and prints the mean and worst relative error it reaches: with
 Adam on mini-batches, or with full-batch L-BFGS (``--optimizer lbfgs``, where
 ``--steps`` counts L-BFGS iterations, 500 per report).
 
-Run: python benchmarks/poisson_mlp_capacity.py [--optimizer adam|lbfgs] [--steps 12000] [--p 0.0]
+Run: python benchmarks/studies/poisson_mlp_capacity.py [--optimizer adam|lbfgs] [--steps 12000]
+[--p 0.0]
 """
 
 from __future__ import annotations
