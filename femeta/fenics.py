@@ -158,10 +158,16 @@ class ShiftedICC:
     def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> SolveReport:
         """Solve ``A x = b`` with the learned shift, retrying and falling back as needed.
 
-        A nonzero initial guess (``ksp.setInitialGuessNonzero(True)``) is
-        restored before every attempt. The report is also kept as :attr:`report`
+        ``A`` is the KSP's operator now (its values may change between solves, as
+        when a problem is reassembled, or another matrix may have been set). A
+        nonzero initial guess (``ksp.setInitialGuessNonzero(True)``) is restored
+        before every attempt. The report is also kept as :attr:`report`
         and logged in one line (logger ``"femeta"``, by the first process).
         """
+        A, _ = self.ksp.getOperators()
+        if A.handle != self._A.handle:  # the caller set another matrix since the last solve
+            self._A = A
+            self.destroy()
         guess = x.copy() if self.ksp.getInitialGuessNonzero() else None
         attempts: list[Attempt] = []
         alpha = self.alpha

@@ -327,3 +327,14 @@ def test_linear_problem_takes_tolerances_from_petsc_options(assemble_beam):
     assert problem.solver.getTolerances()[0] == 1e-8
     problem.solve()
     assert problem.report.converged
+
+
+def test_a_matrix_set_after_configure_is_the_one_solved(assemble_beam):
+    stout = assemble_beam(MPI.COMM_SELF, 0.2, 1.25, 1.0, 1.0)
+    slender = assemble_beam(MPI.COMM_SELF, 0.02, 10.0, 0.1, 1.0)
+    solver = configure(cg_ksp(stout.A), 0.5)
+    solver.solve(stout.b, stout.b.duplicate())
+    solver.ksp.setOperators(slender.A)
+    switched = solver.solve(slender.b, slender.b.duplicate())
+    fresh = configure(cg_ksp(slender.A), 0.5).solve(slender.b, slender.b.duplicate())
+    assert switched.converged and switched.iterations == fresh.iterations > 0
