@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from femeta._fenics import import_dolfinx
-from femeta.fenics import ShiftedICC, reason_name
+from femeta.fenics import ShiftedICC, reason_name, set_icc
 
 import_dolfinx()
 from petsc4py import PETSc  # noqa: E402
@@ -66,14 +66,7 @@ def shifted_icc(
 def default_icc(A: PETSc.Mat, b: PETSc.Vec, rtol: float, max_iterations: int) -> Outcome:
     """CG + PETSc's ICC(0) of ``A`` with its default shift (block Jacobi in parallel)."""
     ksp = _ksp("petsc_icc", A, rtol, max_iterations)
-    pc = ksp.getPC()
-    if A.comm.getSize() == 1:
-        pc.setType(PETSc.PC.Type.ICC)
-    else:
-        pc.setType(PETSc.PC.Type.BJACOBI)
-        ksp.setUp()
-        for sub in pc.getBJacobiSubKSP():
-            sub.getPC().setType(PETSc.PC.Type.ICC)
+    set_icc(ksp, default_shift=True)
     return _run("petsc_icc", ksp, A, b)
 
 

@@ -39,7 +39,15 @@ import_dolfinx()
 import dolfinx.fem.petsc  # noqa: E402
 from petsc4py import PETSc  # noqa: E402
 
-__all__ = ["Attempt", "LinearProblem", "ShiftedICC", "SolveReport", "configure", "reason_name"]
+__all__ = [
+    "Attempt",
+    "LinearProblem",
+    "ShiftedICC",
+    "SolveReport",
+    "configure",
+    "reason_name",
+    "set_icc",
+]
 
 logger = logging.getLogger("femeta")
 # Reasons after which a larger shift is the cure: IC(0) met a zero or a negative pivot.
@@ -148,7 +156,6 @@ class ShiftedICC:
         self.report: SolveReport | None = None
         self._A, _ = ksp.getOperators()
         self._P: PETSc.Mat | None = None
-        self._parallel = ksp.comm.getSize() > 1
         ksp.setType(PETSc.KSP.Type.CG)
         ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
 
@@ -192,10 +199,10 @@ class ShiftedICC:
         start = time.perf_counter()
         if alpha is None:
             self.ksp.setOperators(self._A, self._A)
-            self._set_icc(default_shift=True)
+            set_icc(self.ksp, default_shift=True)
         else:
             self.ksp.setOperators(self._A, self.shifted_matrix(alpha))
-            self._set_icc(default_shift=False)
+            set_icc(self.ksp, default_shift=False)
         if guess is not None:
             guess.copy(x)
         self.ksp.solve(b, x)
@@ -224,28 +231,33 @@ class ShiftedICC:
         diagonal.destroy()
         return self._P
 
-    def _set_icc(self, default_shift: bool) -> None:
-        """ICC(0) (block Jacobi with ICC(0) blocks in parallel); a fresh PC resets its defaults."""
-        pc = self.ksp.getPC()
-        pc.setType(PETSc.PC.Type.NONE)
-        if not self._parallel:
-            pcs = [pc]
-        else:
-            pc.setType(PETSc.PC.Type.BJACOBI)
-            self.ksp.setUp()
-            pcs = [sub.getPC() for sub in pc.getBJacobiSubKSP()]
-        for sub in pcs:
-            sub.setType(PETSc.PC.Type.NONE)
-            sub.setType(PETSc.PC.Type.ICC)
-            sub.setFactorLevels(0)
-            if not default_shift:
-                sub.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
-
     def destroy(self) -> None:
         """Free the preconditioning matrix (the KSP stays the caller's)."""
         if self._P is not None:
             self._P.destroy()
             self._P = None
+
+
+def set_icc(ksp: PETSc.KSP, *, default_shift: bool) -> None:
+    """Make ``ksp``'s PC ICC(0), or block Jacobi with ICC(0) blocks in parallel.
+
+    A fresh PC resets what an earlier set-up left; ``default_shift`` keeps
+    PETSc's default shift type, else it is ``NONE``. The operators must be set.
+    """
+    pc = ksp.getPC()
+    pc.setType(PETSc.PC.Type.NONE)
+    if ksp.comm.getSize() == 1:
+        pcs = [pc]
+    else:
+        pc.setType(PETSc.PC.Type.BJACOBI)
+        ksp.setUp()
+        pcs = [sub.getPC() for sub in pc.getBJacobiSubKSP()]
+    for sub in pcs:
+        sub.setType(PETSc.PC.Type.NONE)
+        sub.setType(PETSc.PC.Type.ICC)
+        sub.setFactorLevels(0)
+        if not default_shift:
+            sub.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
 
 
 def configure(
