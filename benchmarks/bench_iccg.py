@@ -30,8 +30,8 @@ import torch
 
 from femeta._fenics import import_dolfinx
 from femeta.problems.elasticity import ElasticBeam
-from femeta.solvers.iccg import iccg, petsc_iccg
-from femeta.solvers.petsc import PetscIccg
+from femeta.solvers.iccg import iccg
+from femeta.solvers.petsc import PetscIccg, petsc_iccg
 
 _FIELDS = ("iterations", "converged", "factorization_failed")
 

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from femeta.evaluation import IterationStats
 from femeta.experiments import ElasticityIccg, available_cores, get_experiment
-from femeta.solvers.iccg import petsc_iccg
-from femeta.solvers.petsc import default_icc
+from femeta.solvers.petsc import default_icc, petsc_iccg
 from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
 
 

@@ -16,7 +16,8 @@ from femeta.experiments import ElasticityIccg, Poisson1DJacobi, get_experiment
 from femeta.losses import iteration_surrogate
 from femeta.metasolvers import ConstantShift, PreviousStep, ShiftGrid, ShiftNet
 from femeta.problems.elasticity import default_cache_dir
-from femeta.solvers.iccg import iccg, petsc_iccg
+from femeta.solvers.iccg import iccg
+from femeta.solvers.petsc import petsc_iccg
 
 needs_dolfinx = pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx to assemble")
 

@@ -15,7 +15,7 @@ if has_dolfinx():
     import femeta
     from femeta.experiments import ElasticityIccg
     from femeta.fenics import LinearProblem, configure
-    from femeta.solvers.iccg import petsc_iccg
+    from femeta.solvers.petsc import petsc_iccg
 
     class RecordingKSP(PETSc.KSP):
         """A KSP that records the initial guess of every solve."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 
 from femeta._fenics import has_dolfinx
-from femeta.solvers.iccg import IccgResult, iccg, petsc_iccg
+from femeta.solvers.iccg import IccgResult, iccg
+from femeta.solvers.petsc import petsc_iccg
 
 # The package re-exports the function `iccg`, which hides the submodule attribute.
 iccg_module = importlib.import_module("femeta.solvers.iccg")
@@ -20,6 +22,14 @@ KERSHAW = torch.tensor(
     [[3.0, -2.0, 0.0, 2.0], [-2.0, 3.0, -2.0, 0.0], [0.0, -2.0, 3.0, -2.0], [2.0, 0.0, -2.0, 3.0]],
     dtype=torch.float64,
 )
+
+
+@pytest.fixture(autouse=True, params=["auto", "torch"])
+def method(request, monkeypatch):
+    """Every test runs on both implementations: "auto" is the compiled one on the CPU."""
+    solve = functools.partial(iccg_module.iccg, method=request.param)
+    monkeypatch.setitem(globals(), "iccg", solve)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +120,8 @@ def test_fixed_iteration_count():
     assert torch.equal(none.x, torch.zeros_like(b))
 
 
-def test_chunks_and_compaction_do_not_change_results(monkeypatch):
+def test_chunks_and_compaction_do_not_change_results(monkeypatch, method):
+    """Chunks of the torch implementation; the compiled one solves each task on its own."""
     A, b = random_spd(7, seed=3)
     alpha = torch.logspace(-3, 1, 7, dtype=torch.float64)
     whole = iccg(A, b, alpha, tol=1e-9, max_iterations=60)

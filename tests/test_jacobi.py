@@ -4,6 +4,7 @@ import torch
 
 from femeta.problems.poisson1d import Poisson1D, closed_form_matrix
 from femeta.solvers import jacobi
+from femeta.solvers.sparse import SparseBatch
 
 
 def numpy_jacobi_iterations(A, b, x0, reference, tol, cap):
@@ -44,7 +45,13 @@ def test_matrix_layouts_agree(poisson):
     x0 = 0.1 * torch.ones_like(b)
     runs = [
         jacobi(matrix, b, x0, tol=1e-7, max_iterations=3000)
-        for matrix in (A, A.expand(len(b), 16, 16).clone(), A.to_sparse(), A.to_sparse_csr())
+        for matrix in (
+            A,
+            A.expand(len(b), 16, 16).clone(),
+            A.to_sparse(),
+            A.to_sparse_csr(),
+            SparseBatch.from_dense(A.expand(len(b), 16, 16)),
+        )
     ]
     for other in runs[1:]:
         torch.testing.assert_close(other.iterations, runs[0].iterations)
@@ -111,6 +118,24 @@ def test_gradcheck_per_instance_matrices():
     assert torch.autograd.gradcheck(
         lambda A: jacobi(A, b, tol=None, max_iterations=3).history, (A,)
     )
+
+
+def test_a_sparse_batch_of_different_matrices_matches_dense_and_gradcheck():
+    generator = torch.Generator().manual_seed(2)
+    scales = torch.rand(5, 1, 1, dtype=torch.float64, generator=generator) + 0.5
+    A = (torch.from_numpy(closed_form_matrix(8)) + torch.eye(8, dtype=torch.float64)) * scales
+    b = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    sparse = jacobi(SparseBatch.from_dense(A), b, tol=1e-9, max_iterations=400)
+    dense = jacobi(A, b, tol=1e-9, max_iterations=400)
+    assert torch.equal(sparse.iterations, dense.iterations)
+    torch.testing.assert_close(sparse.history, dense.history)
+    x0 = torch.randn(5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    batch = SparseBatch.from_dense(A)
+    assert torch.autograd.gradcheck(
+        lambda x0: jacobi(batch, b, x0, tol=1e-3, max_iterations=50).history, (x0,)
+    )
+    with pytest.raises(ValueError, match="expected"):
+        jacobi(batch, b[:3], tol=1e-6, max_iterations=10)
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def test_the_monitor_validates_at_the_cap_a_surrogate_was_trained_for():
 def test_with_the_petsc_engine_the_monitor_solves_in_petsc():
     pytest.importorskip("petsc4py")
     from femeta.evaluation import IterationStats
-    from femeta.solvers.iccg import petsc_iccg
+    from femeta.solvers.petsc import petsc_iccg
 
     options = TrainOptions(problem="elasticity", smooth=0.25, engine="petsc", epochs=1,
                            select="iterations")  # fmt: skip

@@ -6,37 +6,48 @@ with ``PCICC`` and shift type ``NONE`` gives this very preconditioner). IC(0)
 keeps the nonzero pattern of ``A``, or a given sparsity pattern, e.g. the entries
 that the assembled sparse matrix stores; it fails when a pivot is not positive.
 
-For the small dense systems of the paper (``N = 243``) the preconditioner
-``M = L L^T`` is applied through its explicit inverse, computed once per task, so
-each CG iteration costs two batched matrix-vector products and no triangular
-solve: ``M^{-1}`` dense, ``A`` on its nonzero pattern (one block-diagonal CSR
-matrix for the batch).
+Two implementations, one answer:
+
+- ``"compiled"`` (CPU, float64): each task is factorized and solved by compiled
+  code on its sparse pattern (:class:`~femeta.solvers.sparse.SparseBatch`), the
+  tasks in parallel over the CPU threads; memory is ``O(B nnz)``, so it serves
+  every mesh size.
+- ``"torch"`` (any device and dtype, small systems): the batch moves in lockstep
+  through torch operations, and ``M = L L^T`` is applied through its explicit
+  dense inverse, computed once per task, so a CG iteration is two batched
+  products and no triangular solve. Memory is ``O(B N^2)``.
 
 The derivative with respect to ``alpha`` is exact. ``alpha`` is one scalar per
-task, so it is carried forward (``torch.autograd.forward_ad``) through the
-factorization and all CG iterations alongside the solve, which needs no graph
-of the iterations; :func:`iccg` then exposes ``history`` and ``x`` to ordinary
-reverse-mode autograd through that Jacobian.
+task, so it is carried forward through the factorization and all CG iterations
+alongside the solve, which needs no graph of the iterations; :func:`iccg` then
+exposes ``history`` and ``x`` to ordinary reverse-mode autograd through that
+Jacobian.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from femeta.solvers.base import SolverResult, check_finite, check_stopping
+from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["IccgResult", "iccg", "petsc_iccg"]
+__all__ = ["IccgResult", "iccg"]
 
 # Recompact the batch once this fraction of the instances it holds have stopped.
 _COMPACT_FRACTION = 0.25
-# Tasks solved together on the CPU (all of them on a GPU). With A applied as sparse, a
-# whole paper batch (128) beat chunks of 32 and 64 on 2 cores; the chunk bounds memory.
+# Tasks solved together on the CPU by the torch implementation (all of them on a GPU).
 _CPU_CHUNK = 128
+# Tasks that a thread of the compiled implementation iterates at once, so that a pass
+# over the pattern serves them all (4 doubles fill an AVX2 register; two hide latency).
+_SLOTS = 16
+
+Method = Literal["auto", "compiled", "torch"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class IccgResult(SolverResult):
 
 
 def iccg(
-    A: Tensor,
+    A: Tensor | SparseBatch,
     b: Tensor,
     alpha: Tensor | float,
     x0: Tensor | None = None,
@@ -67,6 +78,7 @@ def iccg(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     pattern: Tensor | None = None,
+    method: Method = "auto",
 ) -> IccgResult:
     """Solve ``A x = b`` for a batch of SPD matrices with ICCG(alpha).
 
@@ -77,8 +89,9 @@ def iccg(
     ``A``, ``b`` and ``x0`` are treated as data.
 
     Args:
-        A: Symmetric positive definite matrices, ``(B, N, N)`` dense. IC(0) keeps
-            their nonzero pattern (or ``pattern``); only the lower triangle is read.
+        A: Symmetric positive definite matrices: a :class:`SparseBatch` (IC(0)
+            keeps its stored entries), or dense ``(B, N, N)`` (IC(0) keeps each
+            matrix's nonzeros, or ``pattern``). Only the lower triangle is read.
         b: Right-hand sides, ``(B, N)``, none of them zero.
         alpha: Relative diagonal shifts, ``(B,)`` or a scalar, positive.
         x0: Initial guesses, ``(B, N)``; zero when omitted.
@@ -86,78 +99,147 @@ def iccg(
         max_iterations: The cap ``m``.
         device: Where to compute; defaults to the device of ``b``.
         dtype: Floating point type of the computation.
-        pattern: The entries IC(0) keeps, boolean ``(N, N)`` or ``(B, N, N)``,
-            symmetric and holding every nonzero of ``A``: e.g. what the sparse
-            matrix stores, entries that cancelled to zero or to rounding noise
-            included, as PETSc's ICC keeps them. Default: the nonzeros of ``A``.
+        pattern: For dense ``A``, the entries IC(0) keeps, boolean ``(N, N)`` or
+            ``(B, N, N)``, symmetric and holding every nonzero of ``A``: e.g. what
+            the sparse matrix stores, entries that cancelled to zero included, as
+            PETSc's ICC keeps them. Default: the nonzeros of each matrix.
+        method: ``"compiled"`` (CPU, float64, any size), ``"torch"`` (any device
+            and dtype; dense, for small ``N``) or ``"auto"``: compiled where it
+            applies, else torch.
 
     Returns:
         An :class:`IccgResult` whose history is trimmed to the longest run.
     """
     check_stopping(tol, max_iterations)
     device = torch.device(device) if device is not None else b.device
+    if method not in ("auto", "compiled", "torch"):
+        raise ValueError(f"method must be 'auto', 'compiled' or 'torch', got {method!r}")
+    compiled = method == "compiled" or (
+        method == "auto" and device.type == "cpu" and dtype == torch.float64
+    )
+    if compiled and (device.type != "cpu" or dtype != torch.float64):
+        raise ValueError(
+            f"the compiled ICCG runs on the CPU in float64, not on {device} in {dtype}; "
+            "use method='torch' there"
+        )
+    if isinstance(A, SparseBatch):
+        if pattern is not None:
+            raise ValueError("a SparseBatch carries its pattern; pass pattern only with dense A")
+        if not compiled:
+            A, pattern = A.to_dense(), _stored(A)
     A, b, alpha, x0 = _check_inputs(A, b, alpha, x0, device, dtype)
-    pattern = _check_pattern(pattern, A)
+    if not isinstance(A, SparseBatch):
+        pattern = _check_pattern(pattern, A)
     differentiable = alpha.requires_grad and torch.is_grad_enabled()
-    tangent = torch.ones_like(alpha) if differentiable else None
-    x, history, iterations, converged, failed, dx, dhistory = _solve(
-        A, b, alpha.detach(), tangent, x0, tol, max_iterations, pattern
+    x, history, iterations, converged, failed, dx, dhistory = (_compiled if compiled else _solve)(
+        A, b, alpha.detach(), differentiable, x0, tol, max_iterations, pattern
     )
     if differentiable:
         x, history = _AlphaJacobian.apply(alpha, x, history, dx, dhistory)
     return IccgResult(x, iterations, history, converged, failed)
 
 
-def petsc_iccg(
-    A: Tensor,
+def _stored(A: SparseBatch) -> Tensor:
+    """The stored entries of ``A`` as a boolean ``(N, N)`` mask."""
+    mask = torch.zeros(A.shape[1:], dtype=torch.bool, device=A.device)
+    mask[A.rows(), A.indices] = True
+    return mask
+
+
+def _compiled(
+    A: Tensor | SparseBatch,
     b: Tensor,
-    alpha: Tensor | float,
-    *,
+    alpha: Tensor,
+    differentiable: bool,
+    x0: Tensor,
     tol: float | None,
     max_iterations: int,
-    pattern: Tensor | None = None,
-) -> IccgResult:
-    """The same solve with PETSc (CG + ICC(0)), one KSP per task, serial; a reference.
+    pattern: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """The compiled kernels, on each group of tasks whose IC(0) keeps the same entries.
 
-    ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` (or on ``pattern``,
-    as :func:`iccg` takes it, with explicit zeros) is the
-    preconditioning matrix (``ksp.setOperators(A, P)``), with natural ordering,
-    shift type ``NONE``, the unpreconditioned norm, ``rtol = tol``, ``atol = 0``
-    and a zero initial guess. PETSc flags only a zero pivot; a negative one
-    surfaces in CG as an indefinite preconditioner, so both count as a failed
-    factorization. For systems solved again and again, or over several
-    processes, use :class:`~femeta.solvers.petsc.PetscIccg`.
+    The tasks are spread over as many threads as torch uses (``torch.set_num_threads``).
     """
-    from femeta.solvers.petsc import PetscIccg
+    import numba
 
-    with PetscIccg() as engine:
-        return engine(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
+    from femeta.solvers._iccg_kernels import iccg_batch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+
+    if isinstance(A, SparseBatch):
+        groups = [(slice(None), A)]
+    else:
+        kept = (A != 0) if pattern is None else pattern
+        kept = kept | torch.eye(A.shape[1], dtype=torch.bool)
+        unique, which = torch.unique(kept.reshape(len(A), -1), dim=0, return_inverse=True)
+        groups = []
+        for group in range(unique.shape[0]):
+            index = torch.nonzero(which == group)[:, 0]
+            groups.append(
+                (index, SparseBatch.from_dense(A[index], unique[group].reshape(A.shape[1:])))
+            )
+    batch, n = b.shape
+    width = max_iterations + 1
+    x = torch.zeros(batch, n, dtype=torch.float64)
+    history = torch.zeros(batch, width, dtype=torch.float64)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    converged = torch.zeros(batch, dtype=torch.bool)
+    failed = torch.zeros(batch, dtype=torch.bool)
+    dx, dhistory = torch.zeros_like(x), torch.zeros_like(history)
+    for index, group in groups:
+        lower_ptr, lower_cols, lower_source = group.lower
+        results = iccg_batch(
+            *group.csr, lower_ptr, lower_cols, lower_source,
+            group.values.numpy(), b[index].contiguous().numpy(),
+            x0[index].contiguous().numpy(), alpha[index].contiguous().numpy(),
+            0.0 if tol is None else tol, max_iterations, differentiable,
+            min(threads, len(group)), _SLOTS,
+        )  # fmt: skip
+        for target, value in zip(
+            (x, dx, history, dhistory, iterations, converged, failed), results, strict=True
+        ):
+            target[index] = torch.from_numpy(value)
+    longest = int(iterations.max()) + 1
+    return (
+        x, history[:, :longest].contiguous(), iterations, converged, failed,
+        dx, dhistory[:, :longest].contiguous(),
+    )  # fmt: skip
 
 
 def _check_inputs(
-    A: Tensor,
+    A: Tensor | SparseBatch,
     b: Tensor,
     alpha: Tensor | float,
     x0: Tensor | None,
     device: torch.device,
     dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    for name, value in (("A", A), ("b", b)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+) -> tuple[Tensor | SparseBatch, Tensor, Tensor, Tensor]:
+    if not isinstance(b, Tensor):
+        raise TypeError(f"b must be a torch.Tensor, got {type(b).__name__}")
+    if not isinstance(A, Tensor | SparseBatch):
+        raise TypeError(f"A must be a torch.Tensor or a SparseBatch, got {type(A).__name__}")
     if b.dim() != 2:
         raise ValueError(f"b must have shape (batch, N), got {tuple(b.shape)}")
     batch, n = b.shape
     if batch == 0:
         raise ValueError("b holds no instances; pass at least one system")
-    if A.layout != torch.strided or tuple(A.shape) != (batch, n, n):
-        raise ValueError(
-            f"A must be dense with shape {(batch, n, n)} for b of shape {(batch, n)}, "
-            f"got {tuple(A.shape)} ({A.layout})"
-        )
-    A = A.detach().to(device=device, dtype=dtype)
+    if isinstance(A, SparseBatch):
+        if A.shape != (batch, n, n):
+            raise ValueError(
+                f"A has shape {A.shape}; expected {(batch, n, n)} for b of shape {(batch, n)}"
+            )
+        A = A.to(device=device, dtype=dtype)
+        check_finite("A", A.values)
+    else:
+        if A.layout != torch.strided or tuple(A.shape) != (batch, n, n):
+            raise ValueError(
+                f"A must be dense with shape {(batch, n, n)} for b of shape {(batch, n)}, "
+                f"got {tuple(A.shape)} ({A.layout})"
+            )
+        A = A.detach().to(device=device, dtype=dtype)
+        check_finite("A", A)
     b = b.detach().to(device=device, dtype=dtype)
-    check_finite("A", A)
     check_finite("b", b)
     if bool((torch.linalg.vector_norm(b, dim=-1) == 0).any()):
         raise ValueError(
@@ -250,17 +332,18 @@ def _solve(
     A: Tensor,
     b: Tensor,
     alpha: Tensor,
-    alpha_tangent: Tensor | None,
+    differentiable: bool,
     x0: Tensor,
     tol: float | None,
     max_iterations: int,
     pattern: Tensor | None,
 ) -> tuple[Tensor, ...]:
-    """ICCG with an optional forward-mode tangent on ``alpha``, chunk by chunk.
+    """The torch implementation, with a forward-mode tangent on ``alpha``, chunk by chunk.
 
     Returns ``x, history, iterations, converged, failed`` and the tangents of
     ``x`` and ``history`` (zeros without ``alpha_tangent``).
     """
+    alpha_tangent = torch.ones_like(alpha) if differentiable else None
     chunk = _CPU_CHUNK if A.device.type == "cpu" else A.shape[0]
     pieces = []
     for start in range(0, A.shape[0], chunk):
@@ -438,58 +521,26 @@ def _cg(
 
 
 class _SharedPattern:
-    """``A x`` for a batch of matrices with one common nonzero pattern.
+    """``A x`` for a batch of matrices with one common nonzero pattern; tangents of ``x``
+    ride along as a second column of one sparse product."""
 
-    The batch is stored as one block-diagonal CSR matrix, so a product is one
-    sparse kernel over the nonzeros (about a sixth of the entries for the
-    beams) instead of a pass over every dense matrix. Tangents of ``x`` ride
-    along as a second column.
-    """
-
-    def __init__(self, values: Tensor, rows: Tensor, cols: Tensor, n: int):
-        """``values[b, k]`` is entry ``(rows[k], cols[k])`` of matrix ``b``, in CSR order."""
-        self.values, self.rows, self.cols, self.n = values, rows, cols, n
-        batch, count = self.values.shape
-        device = self.values.device
-        offsets = torch.arange(batch, device=device)[:, None]
-        row_starts = torch.zeros(self.n + 1, dtype=torch.long, device=device)
-        row_starts[1:] = torch.bincount(self.rows, minlength=self.n).cumsum(0)
-        crow = torch.cat(
-            [
-                (row_starts[:-1] + count * offsets).reshape(-1),
-                row_starts.new_full((1,), batch * count),
-            ]
-        )
-        col = (self.cols + self.n * offsets).reshape(-1)
-        size = (batch * self.n, batch * self.n)
-        if batch * max(count, self.n) < 2**31:  # 32-bit indices: the product ran 1.5-2x faster
-            crow, col = crow.int(), col.int()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            # torch 2.11 (seen on a GPU machine) warns that check_invariants=False is implicit.
-            warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly", UserWarning)
-            self.matrix = torch.sparse_csr_tensor(
-                crow, col, self.values.reshape(-1), size=size, check_invariants=False
-            )
+    def __init__(self, batch: SparseBatch):
+        self.batch = batch
 
     @classmethod
     def from_dense(cls, A: Tensor) -> _SharedPattern:
         """The operator of dense ``(B, N, N)`` matrices, on their common nonzero pattern."""
-        # nonzero() lists the entries row by row, which is the CSR order.
-        rows, cols = torch.nonzero(A.ne(0).any(dim=0), as_tuple=True)
-        return cls(A[:, rows, cols], rows, cols, A.shape[-1])
+        return cls(SparseBatch.from_dense(A))
 
     def select(self, index: Tensor) -> _SharedPattern:
         """The operator of the instances at ``index``."""
-        return _SharedPattern(self.values[index], self.rows, self.cols, self.n)
+        return _SharedPattern(self.batch[index])
 
     def __call__(self, vector: Tensor) -> Tensor:
         vector, tangent = fwAD.unpack_dual(vector)
-        batch = vector.shape[0]
-        if tangent is None:  # a matrix-vector product, twice as fast as a one-column product
-            return torch.mv(self.matrix, vector.reshape(-1)).reshape(batch, self.n)
-        columns = torch.stack([vector, tangent], -1).reshape(batch * self.n, 2)
-        product = (self.matrix @ columns).reshape(batch, self.n, 2)
+        if tangent is None:
+            return self.batch.matvec(vector)
+        product = self.batch.matvec(torch.stack([vector, tangent], -1))
         return fwAD.make_dual(product[..., 0], product[..., 1])
 
 

@@ -6,12 +6,13 @@ import torch
 from torch import Tensor
 
 from femeta.solvers.base import SolverResult, check_finite, check_stopping
+from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["jacobi"]
 
 
 def jacobi(
-    A: Tensor,
+    A: Tensor | SparseBatch,
     b: Tensor,
     x0: Tensor | None = None,
     *,
@@ -27,11 +28,12 @@ def jacobi(
     Each instance stops on its own at the first iterate whose error measure is
     ``<= tol`` (the paper's Phi_{eps,m}), or after ``max_iterations``. With
     ``tol=None`` every instance takes exactly ``max_iterations`` steps (Phi_m).
-    Differentiable with respect to ``A``, ``b``, ``x0`` and ``reference``.
+    Differentiable with respect to ``b``, ``x0`` and ``reference``, and to a dense ``A``.
 
     Args:
         A: One matrix shared by the batch, ``(N, N)`` dense or torch sparse, or
-            one dense matrix per instance, ``(B, N, N)``.
+            one matrix per instance: dense ``(B, N, N)``, or a :class:`SparseBatch`
+            (matrices sharing a sparsity pattern, ``O(B nnz)`` memory).
         b: Right-hand sides, ``(B, N)``.
         x0: Initial guesses, ``(B, N)``; zero when omitted.
         tol: Tolerance on the error measure, or ``None`` for a fixed count.
@@ -57,11 +59,17 @@ def jacobi(
     x0 = torch.zeros_like(b) if x0 is None else _as_batch("x0", x0, device, dtype, (batch, n))
     if reference is not None:
         reference = _as_batch("reference", reference, device, dtype, (batch, n))
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if not isinstance(A, Tensor | SparseBatch):
+        raise TypeError(f"A must be a torch.Tensor or a SparseBatch, got {type(A).__name__}")
     A = A.to(device=device, dtype=dtype)
-    shared = A.dim() == 2
-    if A.layout == torch.strided:
+    shared = isinstance(A, Tensor) and A.dim() == 2
+    if isinstance(A, SparseBatch):
+        if A.shape != (batch, n, n):
+            raise ValueError(
+                f"A has shape {A.shape}; expected {(batch, n, n)} for b of shape {(batch, n)}"
+            )
+        check_finite("A", A.values)
+    elif A.layout == torch.strided:
         expected = (n, n) if shared else (batch, n, n)
         if tuple(A.shape) != expected:
             raise ValueError(
@@ -75,6 +83,8 @@ def jacobi(
     diag = _diagonal(A)
     if bool((diag == 0).any()):
         raise ValueError("A has a zero on its diagonal; the Jacobi method needs a nonzero diagonal")
+    if isinstance(A, SparseBatch):
+        A = _Rows(A)
 
     if reference is not None:
         scale = torch.linalg.vector_norm(reference, dim=-1)
@@ -156,7 +166,9 @@ def _as_batch(
     return value
 
 
-def _diagonal(A: Tensor) -> Tensor:
+def _diagonal(A: Tensor | SparseBatch) -> Tensor:
+    if isinstance(A, SparseBatch):
+        return A.diagonal()
     if A.layout != torch.strided:
         return _sparse_diagonal(A)
     return torch.diagonal(A, dim1=-2, dim2=-1)
@@ -170,8 +182,10 @@ def _sparse_diagonal(A: Tensor) -> Tensor:
     return diag.index_add(0, rows[on_diagonal], coo.values()[on_diagonal])
 
 
-def _matvec(A: Tensor, rows: Tensor):
+def _matvec(A: Tensor | _Rows, rows: Tensor):
     """Return ``v -> A v`` along the last axis of ``(R, s, N)`` for the instances ``rows``."""
+    if isinstance(A, _Rows):
+        return A.matvec(rows)
     if A.layout != torch.strided:
 
         def sparse(v: Tensor) -> Tensor:
@@ -184,12 +198,35 @@ def _matvec(A: Tensor, rows: Tensor):
     return lambda v: torch.einsum("rij,rsj->rsi", A[rows], v)
 
 
+class _Rows:
+    """A :class:`SparseBatch` whose instances are taken a subset at a time: the subset's
+    operator is kept while the same instances are asked for, as they are between
+    two convergences."""
+
+    def __init__(self, A: SparseBatch):
+        self.A = A
+        self.rows: Tensor | None = None
+        self.subset = A
+
+    def matvec(self, rows: Tensor):
+        if self.rows is None or not torch.equal(self.rows, rows):
+            self.rows, self.subset = rows, self.A[rows]
+        subset = self.subset
+
+        def product(v: Tensor) -> Tensor:  # (R, s, N) -> (R, s, N)
+            if v.shape[1] == 1:
+                return subset.matvec(v[:, 0])[:, None]
+            return subset.matvec(v.transpose(1, 2)).transpose(1, 2)
+
+        return product
+
+
 class _SingleStepper:
     """One Jacobi step per call, for per-instance or sparse matrices."""
 
     block = 1
 
-    def __init__(self, A: Tensor, diag: Tensor, b: Tensor):
+    def __init__(self, A: Tensor | _Rows, diag: Tensor, b: Tensor):
         self.A, self.diag, self.b = A, diag, b
 
     def __call__(self, x: Tensor, rows: Tensor, steps: int) -> Tensor:

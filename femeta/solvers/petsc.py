@@ -31,8 +31,9 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta.solvers.base import check_stopping
 from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs, _check_pattern
+from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["PetscIccg", "default_icc"]
+__all__ = ["PetscIccg", "default_icc", "petsc_iccg"]
 
 # Variables through which a process finds its MPI launcher. A worker drops them, so
 # that its MPI starts as a singleton instead of joining the parent's job.
@@ -47,6 +48,30 @@ _CPU = torch.device("cpu")
 _JOB_BYTES = 512
 
 
+def petsc_iccg(
+    A: Tensor | SparseBatch,
+    b: Tensor,
+    alpha: Tensor | float,
+    *,
+    tol: float | None,
+    max_iterations: int,
+    pattern: Tensor | None = None,
+) -> IccgResult:
+    """:func:`~femeta.solvers.iccg.iccg`'s solve done by PETSc (CG + ICC(0)), one KSP per task.
+
+    ``P = A + alpha diag(A)`` on the nonzero pattern of ``A`` (the stored entries of a
+    :class:`~femeta.solvers.sparse.SparseBatch`, or ``pattern`` with explicit zeros)
+    is the preconditioning matrix (``ksp.setOperators(A, P)``), with natural
+    ordering, shift type ``NONE``, the unpreconditioned norm, ``rtol = tol``,
+    ``atol = 0`` and a zero initial guess. PETSc flags only a zero pivot; a
+    negative one surfaces in CG as an indefinite preconditioner, so both count as
+    a failed factorization. For systems solved again and again, or over several
+    processes, use :class:`PetscIccg`.
+    """
+    with PetscIccg() as engine:
+        return engine(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
+
+
 @dataclass(frozen=True)
 class _System:
     """One task's ``A`` in CSR form (PETSc's index type), known to solvers by ``key``.
@@ -59,8 +84,9 @@ class _System:
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
-    # Where ``data`` sits in the flattened dense matrix, to check a cached system.
-    positions: np.ndarray
+    # Where ``data`` sits in the flattened dense matrix, to check a cached system
+    # (``None`` for a system given in CSR form).
+    positions: np.ndarray | None
 
     @classmethod
     def from_dense(cls, key: int, dense: np.ndarray, kept: np.ndarray, index_type: Any) -> _System:
@@ -74,6 +100,12 @@ class _System:
             rows * n + columns,
         )
 
+    @classmethod
+    def from_csr(
+        cls, key: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, index_type: Any
+    ) -> _System:
+        return cls(key, indptr.astype(index_type), indices.astype(index_type), data.copy(), None)
+
     @property
     def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.indptr, self.indices, self.data
@@ -81,16 +113,26 @@ class _System:
     def matches(self, dense: np.ndarray, kept: np.ndarray) -> bool:
         """Whether ``dense``, stored on the mask ``kept``, is this very matrix."""
         return (
-            np.count_nonzero(kept) == self.data.size
+            self.positions is not None
+            and np.count_nonzero(kept) == self.data.size
             and bool(kept.reshape(-1)[self.positions].all())
             and np.array_equal(dense.reshape(-1)[self.positions], self.data)
         )
 
+    def matches_csr(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> bool:
+        """Whether the CSR matrix ``(indptr, indices, data)`` is this very matrix."""
+        return (
+            self.positions is None
+            and np.array_equal(indptr, self.indptr)
+            and np.array_equal(indices, self.indices)
+            and np.array_equal(data, self.data)
+        )
+
 
 class PetscIccg:
-    """CG + ICC(0) solves in PETSc, the same as :func:`~femeta.solvers.iccg.petsc_iccg`.
+    """CG + ICC(0) solves in PETSc, the same as :func:`petsc_iccg`.
 
-    Call it like :func:`~femeta.solvers.iccg.petsc_iccg`, or with several shifts
+    Call it like :func:`petsc_iccg`, or with several shifts
     through :meth:`many`. Each task's system is kept (the ``capacity`` most
     recently used ones) and recognised in later calls by its right-hand side and
     diagonal, then checked entry by entry, so a changed matrix is never mistaken
@@ -132,20 +174,22 @@ class PetscIccg:
         return len(self._systems)
 
     def __call__(
-        self, A: Tensor, b: Tensor, alpha: Tensor | float, *, tol: float | None,
+        self, A: Tensor | SparseBatch, b: Tensor, alpha: Tensor | float, *, tol: float | None,
         max_iterations: int, pattern: Tensor | None = None,
     ) -> IccgResult:  # fmt: skip
         return self.many(A, b, [alpha], tol=tol, max_iterations=max_iterations, pattern=pattern)[0]
 
     def many(
-        self, A: Tensor, b: Tensor, alphas: Sequence[Tensor | float], *, tol: float | None,
+        self, A: Tensor | SparseBatch, b: Tensor, alphas: Sequence[Tensor | float], *,
+        tol: float | None,
         max_iterations: int, pattern: Tensor | None = None,
     ) -> list[IccgResult]:  # fmt: skip
         """The results of the same systems at each of ``alphas``, solved in one round.
 
         Each system is looked up once, and the processes share all the solves.
-        ``pattern`` is the sparsity pattern that ICC(0) keeps, as for
-        :func:`~femeta.solvers.iccg.iccg` (default: the nonzeros of ``A``).
+        ``pattern`` is the sparsity pattern that ICC(0) keeps for dense ``A``, as for
+        :func:`~femeta.solvers.iccg.iccg` (default: the nonzeros of ``A``); a
+        :class:`~femeta.solvers.sparse.SparseBatch` keeps its stored entries.
         """
         if self._closed:
             raise RuntimeError(
@@ -160,21 +204,37 @@ class PetscIccg:
             )
         if len(alphas) == 0:
             raise ValueError("alphas is empty; give at least one shift")
+        if isinstance(A, SparseBatch) and pattern is not None:
+            raise ValueError("a SparseBatch carries its pattern; pass pattern only with dense A")
         A, b, first, _ = _check_inputs(A, b, alphas[0], None, _CPU, torch.float64)
         others = [_check_alpha(alpha, len(b), _CPU, torch.float64) for alpha in alphas[1:]]
-        kept = _check_pattern(pattern, A)
-        dense, rhs = A.numpy(), b.numpy()
-        masks = dense != 0 if kept is None else kept.numpy()
+        rhs = b.numpy()
         shifts = torch.stack([first, *others], dim=1).numpy()
         import_dolfinx()
         from petsc4py import PETSc
+
+        if isinstance(A, SparseBatch):
+            indptr, indices, values = A.indptr.numpy(), A.indices.numpy(), A.values.numpy()
+            diagonal = A.diagonal().numpy()
+
+            def system_of(task: int) -> _System:
+                return self._find_csr(
+                    indptr, indices, values[task], diagonal[task], rhs[task], PETSc.IntType
+                )
+        else:
+            kept = _check_pattern(pattern, A)
+            dense = A.numpy()
+            masks = dense != 0 if kept is None else kept.numpy()
+
+            def system_of(task: int) -> _System:
+                return self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
 
         self._start()
         forget, self._forget = self._forget, []
         self._local.forget(forget)
         for child in self._children:
             child.forget(forget)
-        batch = dense.shape[0]
+        batch = rhs.shape[0]
         tasks = deque(range(batch))
         outcomes: dict[int, list[tuple[np.ndarray, int, np.ndarray, int]]] = {}
 
@@ -189,7 +249,7 @@ class PetscIccg:
                 part, jobs, load = [], [], 8 * len(child.dropped)
                 while tasks and len(part) < size:
                     task = tasks[0]
-                    system = self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
+                    system = system_of(task)
                     new = system.key not in child.known
                     load += _JOB_BYTES + rhs[task].nbytes + shifts[task].nbytes
                     if child.pending and (new or load > child.room):
@@ -212,7 +272,7 @@ class PetscIccg:
                     feed(child)
                 if tasks:
                     task = tasks.pop()
-                    system = self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
+                    system = system_of(task)
                     job = (system.key, system.csr, rhs[task], shifts[task])
                     (outcomes[task],) = self._local.solve([job], tol, max_iterations)
             for child in self._children:
@@ -245,6 +305,22 @@ class PetscIccg:
             if system is not None:
                 self._forget.append(system.key)
             system = _System.from_dense(self._next_key, dense, kept, index_type)
+            self._next_key += 1
+            self._systems[name] = system
+        self._systems.move_to_end(name)
+        return system
+
+    def _find_csr(
+        self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, diagonal: np.ndarray,
+        rhs: np.ndarray, index_type: Any,
+    ) -> _System:  # fmt: skip
+        """:meth:`_find` for a matrix in CSR form."""
+        name = rhs.tobytes() + diagonal.tobytes()
+        system = self._systems.get(name)
+        if system is None or not system.matches_csr(indptr, indices, data):
+            if system is not None:
+                self._forget.append(system.key)
+            system = _System.from_csr(self._next_key, indptr, indices, data, index_type)
             self._next_key += 1
             self._systems[name] = system
         self._systems.move_to_end(name)
@@ -398,7 +474,7 @@ def _cg_icc(prefix: str, matrix: Any, preconditioning: Any) -> Any:
 
 
 def default_icc(
-    A: Tensor, b: Tensor, *, tol: float | None, max_iterations: int,
+    A: Tensor | SparseBatch, b: Tensor, *, tol: float | None, max_iterations: int,
     pattern: Tensor | None = None,
 ) -> IccgResult:  # fmt: skip
     """CG + PETSc's ICC(0) of ``A`` with PETSc's default shift, one KSP per task, serial.
@@ -408,22 +484,34 @@ def default_icc(
     ``POSITIVE_DEFINITE``, which shifts the diagonal only as far as a breakdown
     needs), on ``A`` itself. The rest is as in :class:`PetscIccg`: ``A`` stores the
     entries of ``pattern`` (explicit zeros included; default: the nonzeros of
-    ``A``), the unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero
-    initial guess. ``factorization_failed`` flags a breakdown that the shift did
-    not prevent.
+    ``A``) or of its :class:`~femeta.solvers.sparse.SparseBatch`, the
+    unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial guess.
+    ``factorization_failed`` flags a breakdown that the shift did not prevent.
     """
     check_stopping(tol, max_iterations)
+    if isinstance(A, SparseBatch) and pattern is not None:
+        raise ValueError("a SparseBatch carries its pattern; pass pattern only with dense A")
     A, b, _, _ = _check_inputs(A, b, 1.0, None, _CPU, torch.float64)
-    kept = _check_pattern(pattern, A)
-    dense, rhs = A.numpy(), b.numpy()
-    masks = dense != 0 if kept is None else kept.numpy()
+    rhs = b.numpy()
     import_dolfinx()
     from petsc4py import PETSc
 
+    if isinstance(A, SparseBatch):
+        indptr, indices = A.indptr.numpy(), A.indices.numpy()
+
+        def system_of(task: int) -> _System:
+            return _System.from_csr(task, indptr, indices, A.values[task].numpy(), PETSc.IntType)
+    else:
+        kept = _check_pattern(pattern, A)
+        dense = A.numpy()
+        masks = dense != 0 if kept is None else kept.numpy()
+
+        def system_of(task: int) -> _System:
+            return _System.from_dense(task, dense[task], masks[task], PETSc.IntType)
+
     outcomes = []
     for task in range(len(rhs)):
-        system = _System.from_dense(task, dense[task], masks[task], PETSc.IntType)
-        matrix = _aij(system.csr)
+        matrix = _aij(system_of(task).csr)
         ksp = _cg_icc(f"femeta_default_icc_{task}_", matrix, matrix)
         ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
         ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
