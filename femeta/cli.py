@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,9 +20,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from femeta._fenics import MissingFenicsError
 from femeta._io import write_atomic
-from femeta.experiments import EXPERIMENTS, available_cores, get_experiment, resolve_device
-from femeta.training import EpochRecord
+from femeta.experiments import (
+    EXPERIMENTS,
+    Experiment,
+    Option,
+    available_cores,
+    get_experiment,
+    resolve_device,
+)
+from femeta.experiments.base import TORCH
+from femeta.training import EpochRecord, TrainResult
 from femeta.workflow import (
+    GENERIC_OPTIONS,
     TrainOptions,
     baseline_metasolver,
     evaluate_metasolver,
@@ -81,7 +90,7 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist")
     with path.open("rb") as stream:
         data = tomllib.load(stream)
-    known = {f.name for f in fields(TrainOptions)} - {"problem"}
+    known = set(GENERIC_OPTIONS) | {o.name for e in EXPERIMENTS.values() for o in e.options}
     options = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -93,10 +102,27 @@ def show_progress() -> bool:
     return sys.stdout.isatty() and stderr.is_terminal
 
 
-Problem = Annotated[str, typer.Argument(help=f"The task family: one of {sorted(EXPERIMENTS)}.")]
+Problem = Annotated[str, typer.Argument(help="The task family: one of the registered problems.")]
 Device = Annotated[
     str, typer.Option(help="Where to compute: auto (a CUDA GPU when there is one), cpu, cuda.")
 ]
+
+
+def per_problem(value: Callable[[type[Experiment]], str]) -> str:
+    """``value`` of each registered experiment, for help: ``poisson1d 25; elasticity 125``."""
+    return "; ".join(f"{name} {value(experiment)}" for name, experiment in EXPERIMENTS.items())
+
+
+def paper_settings(experiment: type[Experiment]) -> str:
+    """``smooth 0, engine torch``: an experiment's :attr:`paper_options`, for help."""
+    return ", ".join(
+        f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in experiment.paper_options.items()
+    )
+
+
+def engines_help() -> str:
+    return per_problem(lambda experiment: ", ".join(experiment.engines))
 
 
 @app.command("train")
@@ -124,62 +150,22 @@ def train_command(
         int | None,
         typer.Option(
             "--m",
-            help="Iterations of L_m, or the cap of the surrogate's solve. "
-            "[default: poisson1d 25 / 1000; elasticity 125 / N; robertson 5 / 2000]",
+            help="Iterations of L_m, or the cap of the surrogate's solve. [default: "
+            f"{per_problem(lambda e: f'{e.train_defaults.m} / {e.shown_cap()}')}]",
         ),
     ] = None,
     tol: Annotated[
         float | None,
         typer.Option(
-            help="Training tolerance eps of the surrogate. [default: 1e-6; robertson 1e-9]"
-        ),
-    ] = None,
-    p: Annotated[
-        float | None,
-        typer.Option(help="poisson1d only: weight of the hard distribution P1. [default: 0]"),
-    ] = None,
-    head: Annotated[
-        str | None,
-        typer.Option(
-            help="robertson only: what the network predicts: 'ini' (initial guess), "
-            "'relax' (relaxation factor) or 'both'. [default: both]"
-        ),
-    ] = None,
-    guess_init: Annotated[
-        str | None,
-        typer.Option(
-            help="robertson only: 'zero' starts the initial-guess head at y_n (not in the "
-            "paper); 'default' keeps PyTorch's random start. [default: zero]"
-        ),
-    ] = None,
-    sets: Annotated[
-        int | None,
-        typer.Option(
-            help="robertson only: parameter sets (c1, c2, c3), split "
-            "1/4 train, 1/4 validation, 1/2 test. [default: 10000]"
-        ),
-    ] = None,
-    ic_pattern: Annotated[
-        str | None,
-        typer.Option(
-            help="elasticity only: the sparsity pattern IC(0) keeps: 'stored', the entries "
-            "DOLFINx's matrix stores, as PETSc's ICC keeps them in a FEniCS script; 'values', "
-            "the nonzeros of each A, where the shift at which IC(0) fails depends on which "
-            "stored entries cancelled to exact zeros in the assembly. [default: stored]"
-        ),
-    ] = None,
-    inputs: Annotated[
-        str | None,
-        typer.Option(
-            help="elasticity only: what the network sees: 'invariant', only W and "
-            "lambda/mu, the two numbers ICCG(alpha) depends on (not in the paper); 'paper', "
-            "its seven features, which let it learn the training beams by heart. "
-            "[default: invariant; --paper: paper]"
+            help="Training tolerance eps of the surrogate. "
+            f"[default: {per_problem(lambda e: f'{e.default_tol:g}')}]"
         ),
     ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option(help="Training epochs. [default: poisson1d 2500, others 200]"),
+        typer.Option(
+            help=f"Training epochs. [default: {per_problem(lambda e: e.train_defaults.epochs)}]"
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the data and the weights. [default: 0]")
@@ -190,53 +176,30 @@ def train_command(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Tasks per step. [default: poisson1d 256, elasticity 128, robertson 16384]"
+            help=f"Tasks per step. [default: {per_problem(lambda e: e.train_defaults.batch_size)}]"
         ),
     ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
-            help="Adam learning rate. [default: poisson1d 0.01, elasticity 0.001, robertson 2e-5]"
-        ),
-    ] = None,
-    clip: Annotated[
-        float | None,
-        typer.Option(
-            help="elasticity only: clip each task's derivative of the solve loss in log(alpha) "
-            "to [-CLIP, CLIP] (not in the paper). [default: no clipping]"
-        ),
-    ] = None,
-    smooth: Annotated[
-        float | None,
-        typer.Option(
-            help="elasticity only: replace each task's derivative of the solve loss in "
-            "log(alpha) by its central difference over alpha*exp(+-SMOOTH) (not in the "
-            "paper); 0 keeps the paper's exact derivative. [default: 0.25; with --clip or "
-            "--paper: 0]"
-        ),
-    ] = None,
-    gamma: Annotated[
-        float | None,
-        typer.Option(
-            help="elasticity only: weight of the ICF penalty gamma * (-log alpha) that a "
-            "failed IC(0) costs in training (§4.2). [default: 500, the paper's]"
+            help="Adam learning rate. "
+            f"[default: {per_problem(lambda e: f'{e.train_defaults.lr:g}')}]"
         ),
     ] = None,
     engine: Annotated[
         str | None,
         typer.Option(
-            help="elasticity with a smoothed derivative only: run the training, validation "
-            "and monitor solves with 'petsc' (a KSP per task, on the CPU) instead of "
-            "'torch'; evaluation stays in torch. [default: petsc when training on the CPU "
-            "with --smooth above 0, else torch]"
+            help="Run the training, validation and monitor solves with one of the problem's "
+            f"engines ({engines_help()}); evaluation stays in torch. 'petsc' solves a KSP "
+            "per task on the CPU and needs a smoothed derivative. [default: the problem's "
+            "best known]"
         ),
     ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
-            help="--engine petsc only: processes that share each batch's PETSc solves; "
-            "the results do not depend on it. [default: all cores with --engine petsc, "
-            "else 1]"
+            help="Processes that share each batch's solves with an engine other than torch; "
+            "the results do not depend on it. [default: all cores with such an engine, else 1]"
         ),
     ] = None,
     select: Annotated[
@@ -250,11 +213,10 @@ def train_command(
         bool,
         typer.Option(
             "--paper",
-            help="Train with the paper's settings instead of the best known ones: for "
-            "elasticity its exact derivative (--smooth 0), --engine torch, --workers 1 and "
-            "--inputs paper. poisson1d and robertson train with the paper's settings "
-            "either way: they are the best known there. An option given beside it that "
-            "differs from the paper's is an error.",
+            help="Train with the paper's settings instead of the best known ones (where they "
+            "differ: "
+            f"{per_problem(paper_settings)}"
+            "). An option given beside it that differs from the paper's is an error.",
         ),
     ] = False,
     config: Annotated[
@@ -269,35 +231,70 @@ def train_command(
         ),
     ] = True,
     device: Device = "auto",
+    **problem_options: Any,
 ) -> None:
     """Train a meta-solver and save it to a run directory.
 
-    Without options it trains with the best known settings (for elasticity on the
-    CPU: --smooth 0.25 --engine petsc on all cores, --inputs invariant); --paper
-    gives the paper's.
+    Without options it trains with the problem's best known settings; --paper
+    gives the paper's. An option of one problem only says so in its help.
     """
     check_problem(problem)
     if (out is None) == (resume is None):
         raise UsageError("give exactly one of --out NEW_RUN_DIR or --resume RUN_DIR")
+    options = None
     if resume is None:
-        given = {
-            "loss": loss, "m": m, "tol": tol, "p": p, "epochs": epochs, "seed": seed,
-            "gain": gain, "batch_size": batch_size, "lr": lr, "clip": clip, "smooth": smooth,
-            "head": head, "sets": sets, "guess_init": guess_init,
-            "select": select, "engine": engine, "workers": workers, "gamma": gamma,
-            "ic_pattern": ic_pattern, "inputs": inputs, "paper": True if paper else None,
-        }  # fmt: skip
-        values = read_config(config) | {k: v for k, v in given.items() if v is not None}
-        try:
-            options = TrainOptions(problem=problem, **values)
-        except TypeError as err:
-            where = f" in {config}" if config is not None else ""
-            raise UsageError(f"bad option value{where}: {err}") from None
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(
-                f"{out} exists and is not empty; choose a new --out directory, "
-                f"or continue an interrupted run with --resume {out}"
-            )
+        given = {"loss": loss, "m": m, "tol": tol, "epochs": epochs, "seed": seed, "gain": gain,
+                 "batch_size": batch_size, "lr": lr, "select": select, "engine": engine,
+                 "workers": workers, "paper": True if paper else None}  # fmt: skip
+        given |= problem_options
+        options = new_run_options(problem, given, config, out)
+    run = functools.partial(run_training, problem, options, out, resume, checkpoint_seconds,
+                            monitor, device, workers)  # fmt: skip
+    try:
+        out, result = with_epoch_progress(run)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(saved_message(out, result))
+
+
+def new_run_options(
+    problem: str, given: dict[str, Any], config: Path | None, out: Path
+) -> TrainOptions:
+    """The options of a new run: ``config``'s, overridden by those ``given`` (not ``None``)."""
+    values = read_config(config) | {k: v for k, v in given.items() if v is not None}
+    try:
+        options = TrainOptions(problem=problem, **values)
+    except TypeError as err:
+        where = f" in {config}" if config is not None else ""
+        raise UsageError(f"bad option value{where}: {err}") from None
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(
+            f"{out} exists and is not empty; choose a new --out directory, "
+            f"or continue an interrupted run with --resume {out}"
+        )
+    return options
+
+
+def run_training(
+    problem: str, options: TrainOptions | None, out: Path | None, resume: Path | None,
+    checkpoint_seconds: float, monitor: bool, device: str, workers: int | None,
+    on_epoch: Callable[[EpochRecord], None], set_total: Callable[[int], None],
+) -> tuple[Path, TrainResult]:  # fmt: skip
+    """Train a new run (``options``) into ``out``, or continue the run in ``resume``."""
+    if options is not None:
+        schedule = get_experiment(problem).train_config(options.epochs, None, None, 0)
+        set_total(schedule.epochs)
+        _, _, result = train_metasolver(options, out, on_epoch, checkpoint_seconds, monitor, device)
+        return out, result
+    _, _, result = resume_training(
+        resume, problem, on_epoch, checkpoint_seconds, monitor, device, workers
+    )
+    return resume, result
+
+
+def with_epoch_progress(run: Callable[..., Any]) -> Any:
+    """``run(on_epoch, set_total)`` under a progress bar over the epochs (on a terminal)."""
     progress = Progress(
         TextColumn("epoch {task.completed}/{task.total}"),
         BarColumn(),
@@ -324,29 +321,17 @@ def train_command(
                 iterations=math.nan if iterations is None else iterations,
             )
 
-        try:
-            if resume is None:
-                schedule = get_experiment(problem).train_config(options.epochs, None, None, 0)
-                progress.update(bar, total=schedule.epochs)
-                _, _, result = train_metasolver(
-                    options, out, advance, checkpoint_seconds, monitor, device
-                )
-            else:
-                out = resume
-                _, _, result = resume_training(
-                    resume, problem, advance, checkpoint_seconds, monitor, device, workers
-                )
-        except KeyboardInterrupt:
-            typer.echo(
-                f"interrupted; continue with `femeta train {problem} --resume {out}`", err=True
-            )
-            raise typer.Exit(130) from None
+        return run(advance, lambda total: progress.update(bar, total=total))
+
+
+def saved_message(out: Path, result: TrainResult) -> str:
+    """What ``femeta train`` says at the end: the epoch kept and its validation numbers."""
     kept = result.history[result.best_epoch - 1] if result.best_epoch > 0 else None
     if kept is not None and kept.validation_iterations is not None:
         iterations = f", {kept.validation_iterations:.6g} validation iterations"
     else:
         iterations = ""
-    typer.echo(
+    return (
         f"saved {out}: kept epoch {result.best_epoch} (validation loss "
         f"{result.best_validation_loss:.6g}{iterations}); {result.skipped_steps} steps skipped"
     )
@@ -369,31 +354,15 @@ def evaluate_command(
     baseline: Annotated[
         str | None,
         typer.Option(
-            help="Evaluate a baseline instead of a model: 'base' (Psi_base), or for "
-            "elasticity 'best' (per-task grid search over alpha, slow) or 'petsc' (CG with "
-            "PETSc's ICC(0) of A and its default shift, what a FEniCS script has)."
+            help="Evaluate a baseline instead of a model: 'base' (Psi_base) or another of "
+            f"the problem's ({per_problem(lambda e: ', '.join(e.baselines))}): 'best' is a "
+            "per-task grid search (slow), 'petsc' PETSc's own default (docs/cli.md)."
         ),
     ] = None,
     tol: Annotated[
-        float | None, typer.Option(help="Test tolerance eps. [default: 1e-6; robertson 1e-9]")
-    ] = None,
-    p: Annotated[
         float | None,
         typer.Option(
-            help="poisson1d only: weight of P1 in the test tasks. [default: the model's, else 0]"
-        ),
-    ] = None,
-    sets: Annotated[
-        int | None,
-        typer.Option(
-            help="robertson only: parameter sets, as in train. [default: the model's, else 10000]"
-        ),
-    ] = None,
-    ic_pattern: Annotated[
-        str | None,
-        typer.Option(
-            help="elasticity only: IC(0)'s sparsity pattern, 'values' or 'stored', as in train. "
-            "[default: the model's, else stored]"
+            help=f"Test tolerance eps. [default: {per_problem(lambda e: f'{e.default_tol:g}')}]"
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the test tasks.")] = 0,
@@ -403,22 +372,57 @@ def evaluate_command(
     engine: Annotated[
         str,
         typer.Option(
-            help="elasticity only: solve with 'petsc' (a KSP per task, spread over --workers "
-            "processes; Psi_best's 31 shifts several times faster) instead of 'torch'. The "
-            "counts differ only by rounding."
+            help=f"Solve with one of the problem's engines ({engines_help()}): 'petsc' is "
+            "a KSP per task, spread over --workers processes (Psi_best's 31 shifts several "
+            "times faster than in torch). The counts differ only by rounding."
         ),
     ] = "torch",
     workers: Annotated[
         int | None,
-        typer.Option(help="--engine petsc only: processes. [default: all cores]"),
+        typer.Option(help="With an engine other than torch: processes. [default: all cores]"),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
     device: Device = "auto",
+    **task_options: Any,
 ) -> None:
     """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
     check_problem(problem)
+    check_evaluate_input(problem, model, checkpoint, baseline, tol, max_iterations)
+    if workers is None:
+        workers = available_cores() if engine != TORCH else 1
+    experiment, metasolver, progress = evaluated(
+        problem, model, checkpoint, baseline, seed, device, task_options
+    )
+    tol = experiment.default_tol if tol is None else tol
+    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations, engine, workers)
+    task_p = getattr(experiment, "p", None)
+    name = str(model or checkpoint or baseline)
+    summary = {"problem": problem, "model": name, "p": task_p, "engine": engine}
+    summary |= progress | stats.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    where = problem if task_p is None else f"{problem} (p = {task_p})"
+    if engine != TORCH:
+        where += f" with the {engine} engine"
+    if progress:
+        name += (
+            f" (best weights so far: epoch {progress['best_epoch']} of "
+            f"{progress['epochs_done']} done)"
+        )
+    typer.echo(
+        f"{name} on {where}, tol {tol:g}, cap {stats.max_iterations}: "
+        f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
+        f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
+    )
+
+
+def check_evaluate_input(
+    problem: str, model: Path | None, checkpoint: Path | None, baseline: str | None,
+    tol: float | None, max_iterations: int | None,
+) -> None:  # fmt: skip
     kinds = EXPERIMENTS[problem].baselines
     if sum(given is not None for given in (model, checkpoint, baseline)) != 1:
         raise UsageError(
@@ -431,43 +435,25 @@ def evaluate_command(
         raise UsageError(f"tolerance must lie in (0, 1), got {tol}")
     if max_iterations is not None and max_iterations < 1:
         raise UsageError(f"--max-iterations must be >= 1, got {max_iterations}")
-    if engine not in EXPERIMENTS[problem].engines:
-        engines = list(EXPERIMENTS[problem].engines)
-        raise UsageError(f"--engine for {problem} must be one of {engines}, got {engine!r}")
-    if workers is None:
-        workers = available_cores() if engine == "petsc" else 1
-    given = {"p": p, "sets": sets, "ic_pattern": ic_pattern}
-    overrides = {name: value for name, value in given.items() if value is not None}
-    progress: dict[str, Any] = {}
+
+
+def evaluated(
+    problem: str, model: Path | None, checkpoint: Path | None, baseline: str | None, seed: int,
+    device: str, task_options: dict[str, Any],
+) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
+    """The experiment, the meta-solver to evaluate and, for a checkpoint, how far it came.
+
+    ``task_options`` (``None``: not given) change the test tasks of the model's problem.
+    """
+    overrides = {name: value for name, value in task_options.items() if value is not None}
     if model is not None:
-        experiment, metasolver = load_metasolver(model, problem, device=device, **overrides)
-    elif checkpoint is not None:
-        experiment, metasolver, progress = load_checkpoint(checkpoint, problem, device, **overrides)
-    else:
-        experiment = get_experiment(problem, **overrides, device=resolve_device(device))
-        metasolver = baseline_metasolver(experiment, baseline, seed)
-    tol = experiment.default_tol if tol is None else tol
-    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations, engine, workers)
-    task_p = getattr(experiment, "p", None)
-    name = str(model or checkpoint or baseline)
-    summary = {"problem": problem, "model": name, "p": task_p, "engine": engine}
-    summary |= progress | stats.summary()
-    if as_json:
-        typer.echo(json.dumps(summary))
-        return
-    where = problem if task_p is None else f"{problem} (p = {task_p})"
-    if engine != "torch":
-        where += f" with the {engine} engine"
-    if progress:
-        name += (
-            f" (best weights so far: epoch {progress['best_epoch']} of "
-            f"{progress['epochs_done']} done)"
-        )
-    typer.echo(
-        f"{name} on {where}, tol {tol:g}, cap {stats.max_iterations}: "
-        f"{stats.mean_iterations:.2f} ± {stats.std_iterations:.2f} iterations, "
-        f"convergence ratio {stats.convergence_ratio:.3f} over {summary['n_tasks']} tasks"
-    )
+        return *load_metasolver(model, problem, device=device, **overrides), {}
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, problem, device, **overrides)
+    experiment_class = EXPERIMENTS[problem]
+    experiment_class.check_options(overrides)
+    experiment = get_experiment(problem, **overrides, device=resolve_device(device))
+    return experiment, baseline_metasolver(experiment, baseline, seed), {}
 
 
 @app.command("solve")
@@ -499,8 +485,9 @@ def solve_command(
 ) -> None:
     """Assemble one beam with DOLFINx (on all MPI ranks) and solve it with the model's
     shift (guarded), Psi_base's shift, PETSc's default ICC and GAMG."""
-    if problem != "elasticity":
-        raise UsageError(f"femeta solve assembles beams only: use 'elasticity', not {problem!r}")
+    scriptable = [name for name, experiment in EXPERIMENTS.items() if experiment.scriptable]
+    if problem not in scriptable:
+        raise UsageError(f"femeta solve assembles beams only: use {scriptable}, not {problem!r}")
     if any(c < 1 for c in cells):
         raise UsageError(f"--cells must be three integers >= 1, got {' '.join(map(str, cells))}")
     if not 0 < tol < 1:
@@ -761,7 +748,7 @@ def table1_command(
     budget = reproduce.epochs_budget("table1", quick, epochs)
     labels = row_labels(rows)
     grid = reproduce.table1_grid(labels)
-    get_experiment("robertson", sets=sets)  # checks sets before any worker starts
+    reproduce.check_table1(sets)  # before any worker starts
     progress = table_progress(as_json)
     with progress:
         bar = progress.add_task("table 1", total=len(grid))
@@ -842,8 +829,42 @@ def launcher_rank() -> int:
     return 0
 
 
-def main() -> None:
+def problem_parameters(evaluate: bool) -> list[inspect.Parameter]:
+    """A ``--flag`` per option that a registered experiment declares (``evaluate``: those
+    that change a saved model's test tasks), its help saying which problems take it."""
+    declared: dict[str, tuple[Option, list[str]]] = {}
+    for experiment in EXPERIMENTS.values():
+        for option in experiment.options:
+            if not evaluate or option.evaluate is not None:
+                declared.setdefault(option.name, (option, []))[1].append(experiment.name)
+    parameters = []
+    for name, (option, problems) in declared.items():
+        if evaluate:
+            text = f"{option.evaluate} [default: the model's, else {option.default_text}]"
+        else:
+            text = f"{option.help} [default: {option.default_text}]"
+        help_text = f"{' and '.join(problems)} only: {text}"
+        annotation = Annotated[option.type | None, typer.Option(help=help_text)]
+        kind = inspect.Parameter.KEYWORD_ONLY
+        parameters.append(inspect.Parameter(name, kind, default=None, annotation=annotation))
+    return parameters
+
+
+def declare_problem_options() -> None:
+    """Give ``train`` and ``evaluate`` the options of the experiments registered now."""
+    for command, evaluate in ((train_command, False), (evaluate_command, True)):
+        own = inspect.signature(command.__wrapped__, eval_str=True).parameters.values()
+        fixed = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        command.__signature__ = inspect.Signature(fixed + problem_parameters(evaluate))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``femeta`` command, with the options of every experiment registered by now."""
     if launcher_rank() > 0:
         # Results are printed once, by rank 0; errors still reach every rank's stderr.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    app()
+    declare_problem_options()
+    app(args=argv)
+
+
+declare_problem_options()

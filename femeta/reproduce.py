@@ -397,6 +397,13 @@ def table1_grid(labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return _select_rows(rows, labels, "Table 1")
 
 
+def check_table1(sets: int) -> None:
+    """Fail on a bad number of parameter sets, before any row starts."""
+    from femeta.experiments import get_experiment
+
+    get_experiment("robertson", sets=sets)
+
+
 def _run_table1_row(
     row: dict[str, Any],
     epochs: int,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ from torch import nn
 
 from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
-from femeta.experiments import EXPERIMENTS, TRAIN_DEFAULTS, get_experiment, resolve_device
+from femeta.experiments import DEFAULT_PROBLEM, EXPERIMENTS, Experiment, get_experiment
+from femeta.experiments.base import TORCH, owners, resolve_device
 from femeta.model import FORMAT_VERSION
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainResult, train
@@ -36,7 +36,12 @@ __all__ = [
 CHECKPOINT = "checkpoint.pt"
 
 
-@dataclass(frozen=True)
+#: The options of every experiment; an experiment adds its own (``Experiment.options``).
+GENERIC_OPTIONS = ("loss", "m", "tol", "epochs", "seed", "gain", "batch_size", "lr", "select",
+                   "engine", "workers", "paper")  # fmt: skip
+
+
+@dataclass(frozen=True, init=False)
 class TrainOptions:
     """Everything that defines a training run; saved with the model.
 
@@ -44,48 +49,64 @@ class TrainOptions:
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings). For
-    ``smooth``, ``engine``, ``workers`` and ``inputs`` it is the experiment's
-    ``recommended_options`` (the best known settings), or with ``paper`` its
-    ``paper_options`` (:func:`resolve_options`); an option given always wins, and
-    with ``paper`` one that differs from the paper's is an error.
-    ``p`` is an option of ``poisson1d`` only; ``clip``, ``smooth`` (the step of the
-    smoothed derivative in log alpha; 0: the paper's exact derivative), ``gamma`` (the
-    weight of the ICF penalty; ``None``: the paper's 500), ``ic_pattern`` (``None``:
-    ``"stored"``) and ``inputs`` (``"invariant"`` or ``"paper"``) of ``elasticity``
-    only; ``head``, ``sets`` and ``guess_init`` of ``robertson`` only. ``select``
-    keeps the epoch with the lowest validation loss (the paper) or, with
-    ``"iterations"``, the fewest mean validation iterations, which needs the
-    monitor. ``engine="petsc"`` runs the training, validation and monitor solves of
-    ``elasticity`` with a smoothed derivative in PETSc (evaluation stays in torch)
-    over ``workers`` processes; ``workers`` changes the wall time and nothing else.
-    :func:`train_metasolver` saves the resolved values.
+    ``engine``, ``workers`` and the options the experiment picks (e.g. the beams'
+    ``smooth`` and ``inputs``) it is the experiment's ``recommended_options``
+    (the best known settings), or with ``paper`` its ``paper_options``
+    (:func:`resolve_options`); an option given always wins, and with ``paper``
+    one that differs from the paper's is an error. ``select`` keeps the epoch
+    with the lowest validation loss (the paper) or, with ``"iterations"``, the
+    fewest mean validation iterations, which needs the monitor. ``engine`` runs
+    the training, validation and monitor solves over ``workers`` processes;
+    ``workers`` changes the wall time and nothing else.
+
+    Every other keyword is an option that the problem's experiment declares
+    (``Experiment.options``: e.g. ``p`` of ``poisson1d``), read back as an
+    attribute; an option of another problem reads as ``None``, and giving one
+    is an error. :func:`train_metasolver` saves the resolved values.
     """
 
-    problem: str = "poisson1d"
+    problem: str = DEFAULT_PROBLEM
     loss: str = "surrogate"
     m: int | None = None
     tol: float | None = None
-    p: float | None = None
     epochs: int | None = None
     seed: int = 0
     gain: float = 1.0
     batch_size: int | None = None
     lr: float | None = None
-    clip: float | None = None
-    smooth: float | None = None
-    head: str | None = None
-    sets: int | None = None
-    guess_init: str | None = None
     select: str = "loss"
     engine: str | None = None
     workers: int | None = None
-    gamma: float | None = None
-    ic_pattern: str | None = None
-    inputs: str | None = None
     paper: bool = False
+    #: The experiment's options that were given (``None`` values dropped).
+    problem_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __init__(
+        self, problem: str = DEFAULT_PROBLEM, loss: str = "surrogate", m: int | None = None,
+        tol: float | None = None, epochs: int | None = None, seed: int = 0, gain: float = 1.0,
+        batch_size: int | None = None, lr: float | None = None, select: str = "loss",
+        engine: str | None = None, workers: int | None = None, paper: bool = False,
+        problem_options: Mapping[str, Any] | None = None, **options: Any,
+    ) -> None:  # fmt: skip
+        given = {**(problem_options or {}), **options}
+        values = dict(locals())
+        for name in (*GENERIC_OPTIONS, "problem"):
+            object.__setattr__(self, name, values[name])
+        kept = {name: value for name, value in given.items() if value is not None}
+        object.__setattr__(self, "problem_options", kept)
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "problem_options":
+            raise AttributeError(name)
+        if name in self.problem_options:
+            return self.problem_options[name]
+        if owners(name):
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
-        for name in ("m", "epochs", "seed", "batch_size", "sets", "workers"):
+        for name in ("m", "epochs", "seed", "batch_size", "workers"):
             value = getattr(self, name)
             if not (value is None and name != "seed") and (
                 isinstance(value, bool) or not isinstance(value, int)
@@ -93,26 +114,12 @@ class TrainOptions:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if not isinstance(self.paper, bool):
             raise ValueError(f"paper must be true or false, got {self.paper!r}")
-        for name in ("tol", "p", "gain", "lr", "clip", "smooth", "gamma"):
+        for name in ("tol", "gain", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool | str) or (value is None and name == "gain"):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("head", "guess_init", "ic_pattern", "inputs"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}")
-        if self.engine not in (None, "torch", "petsc"):
-            raise ValueError(f"engine must be 'torch' or 'petsc', got {self.engine!r}")
-        if self.engine == "petsc" and self.smooth == 0:
-            raise ValueError(
-                "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha"
-            )
-        if self.workers is not None and (
-            self.workers < 1 or (self.workers > 1 and self.engine == "torch")
-        ):
-            raise ValueError(
-                f"workers must be 1, or more with --engine petsc only, got {self.workers}"
-            )
+        if self.engine is not None and not isinstance(self.engine, str):
+            raise ValueError(f"engine must be a string, got {self.engine!r}")
         if self.select not in ("loss", "iterations"):
             raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
         if self.loss not in ("m", "surrogate"):
@@ -123,20 +130,37 @@ class TrainOptions:
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
-        for name in ("clip", "gamma"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
-        if self.smooth is not None and not self.smooth >= 0:
-            raise ValueError(
-                f"smooth must be positive, or 0 for the exact derivative, got {self.smooth!r}"
-            )
-        for name in ("smooth", "gamma"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be positive and finite, got {value!r}")
-        if self.clip is not None and self.smooth:
-            raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
+        experiment = _experiment_class(self.problem)
+        experiment.check_options(self.problem_options, self.engine, self.workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as saved with a run: every option of every problem, ``None`` if unused."""
+        names = {option.name: None for e in EXPERIMENTS.values() for option in e.options}
+        generic = {name: getattr(self, name) for name in ("problem", *GENERIC_OPTIONS)}
+        return generic | names | dict(self.problem_options)
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> TrainOptions:
+        """The options saved by :meth:`as_dict`, with the defaults of keys a run lacks.
+
+        A key set to ``None`` is an option not given (or of another problem).
+        """
+        problem = saved.get("problem", DEFAULT_PROBLEM)
+        values = {name: value for name, value in saved.items() if value is not None}
+        return cls(**_with_saved_defaults(problem, values))
+
+
+def _experiment_class(problem: str) -> type[Experiment]:
+    if problem not in EXPERIMENTS:
+        raise ValueError(f"unknown problem {problem!r}; expected one of {sorted(EXPERIMENTS)}")
+    return EXPERIMENTS[problem]
+
+
+def _with_saved_defaults(problem: str | None, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` (options or problem parameters of a run), with the values that a run saved
+    without one of the experiment's keys used (``Experiment.saved_defaults``)."""
+    defaults = EXPERIMENTS[problem].saved_defaults if problem in EXPERIMENTS else {}
+    return dict(defaults) | {name: value for name, value in saved.items() if value is not None}
 
 
 def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
@@ -152,20 +176,19 @@ def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
 
 
 def resolve_options(options: TrainOptions, device: str | torch.device) -> TrainOptions:
-    """``options`` with ``smooth``, ``engine``, ``workers`` and ``inputs`` set.
+    """``options`` with ``engine``, ``workers`` and the options the experiment picks set.
 
     What is not given comes from the problem's experiment: its best known
     settings for training on ``device`` (``recommended_options``), or with
     ``options.paper`` the paper's (``paper_options``), where giving a value
     that differs from the paper's is an error. Given values are kept.
     """
-    if options.problem not in EXPERIMENTS:
-        raise ValueError(
-            f"unknown problem {options.problem!r}; expected one of {sorted(EXPERIMENTS)}"
-        )
-    factory = EXPERIMENTS[options.problem]
-    given = {name: getattr(options, name) for name in (*TRAIN_DEFAULTS, "clip")}
-    chosen = {name: given[name] for name in TRAIN_DEFAULTS if given[name] is not None}
+    factory = _experiment_class(options.problem)
+    names = [option.name for option in factory.options] + ["engine", "workers"]
+    given = {name: getattr(options, name) for name in names}
+    picked = set(factory.paper_options)
+    chosen = {name: value for name, value in given.items()
+              if name in picked and value is not None}  # fmt: skip
     if options.paper:
         paper = factory.paper_options
         differ = {name: value for name, value in chosen.items()
@@ -191,9 +214,8 @@ def _flag(name: str, value: Any) -> str:
 
 def build_experiment(options: TrainOptions, device: str | torch.device) -> Any:
     """The experiment that ``options`` train on, on ``device``."""
-    given = {"p": options.p, "head": options.head, "sets": options.sets,
-             "guess_init": options.guess_init, "ic_pattern": options.ic_pattern,
-             "inputs": options.inputs}  # fmt: skip
+    factory = _experiment_class(options.problem)
+    given = {o.name: getattr(options, o.name) for o in factory.options if o.stage == "problem"}
     params = {name: value for name, value in given.items() if value is not None}
     return get_experiment(options.problem, **params, device=resolve_device(device))
 
@@ -257,7 +279,7 @@ def load_checkpoint(
 ) -> tuple[Any, nn.Module, dict[str, Any]]:
     """The best weights so far of an interrupted (or running) run's ``checkpoint.pt``.
 
-    ``overrides`` (``p``, ``sets``, ``ic_pattern``) change the task distribution, as in
+    ``overrides`` (problem options) change the task distribution, as in
     :func:`load_metasolver`. Returns the experiment, the meta-solver on ``device`` and
     how far the training had come: ``epochs_done``, ``epochs``, ``best_epoch`` and
     ``best_validation_loss``.
@@ -303,10 +325,7 @@ def read_checkpoint(path: Path) -> tuple[TrainOptions, dict[str, Any]]:
             f"{type(err).__name__}: truncated, or not written by `femeta train`)"
         ) from err
     try:
-        options = TrainOptions(
-            **_saved_beam_options(saved["options"].get("problem"), saved["options"])
-        )
-        return options, saved["trainer"]
+        return TrainOptions.from_dict(saved["options"]), saved["trainer"]
     except Exception as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise RunError(f"{path} is not a readable femeta checkpoint ({first})") from err
@@ -335,32 +354,23 @@ def _train(
         options,
         m=experiment.default_m(options.loss) if options.m is None else options.m,
         tol=experiment.default_tol if options.tol is None else options.tol,
-        p=experiment.params().get("p"),
-        head=experiment.params().get("head"),
-        guess_init=experiment.params().get("guess_init"),
-        sets=experiment.params().get("sets"),
-        ic_pattern=experiment.params().get("ic_pattern"),
-        inputs=experiment.params().get("inputs"),
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
-        # The penalty weight in force (elasticity's default when not given; None elsewhere).
-        gamma=getattr(experiment, "gamma", None) if options.gamma is None else options.gamma,
+        **_in_force(experiment, options),
     )
     train_tasks = experiment.tasks("train", options.seed)
     validation_tasks = experiment.tasks("validation", options.seed)
     tol = options.tol if options.loss == "surrogate" else None
+    objective_options = {
+        option.name: getattr(options, option.name)
+        for option in experiment.options
+        if option.stage == "objective"
+    }
     objective = experiment.objective(
-        options.loss,
-        options.m,
-        tol,
-        options.gain,
-        options.clip,
-        options.smooth,
-        options.engine,
-        options.workers,
-        options.gamma,
-    )
+        options.loss, options.m, tol, options.gain, engine=options.engine,
+        workers=options.workers, **objective_options,
+    )  # fmt: skip
     torch.manual_seed(options.seed)
     metasolver = experiment.metasolver("nn", train_tasks)
     monitor = None
@@ -368,8 +378,8 @@ def _train(
         cap = monitor_cap(experiment.evaluation_cap, options)
 
         # With the PETSc engine the monitor solves with it too, on the systems training keeps.
-        engine = {} if options.engine == "torch" else {"engine": options.engine,
-                                                        "workers": options.workers}  # fmt: skip
+        engine = {} if options.engine == TORCH else {"engine": options.engine,
+                                                      "workers": options.workers}  # fmt: skip
 
         def monitor(psi: nn.Module) -> float:
             stats = experiment.stats(psi, validation_tasks, options.tol, cap, **engine)
@@ -380,7 +390,7 @@ def _train(
 
         def checkpoint(state: dict[str, Any]) -> None:
             buffer = io.BytesIO()
-            torch.save({"options": asdict(options), "trainer": state}, buffer)
+            torch.save({"options": options.as_dict(), "trainer": state}, buffer)
             write_atomic(Path(out) / CHECKPOINT, buffer.getvalue())
 
     result = train(
@@ -408,7 +418,7 @@ def _train(
                 "predicts": experiment.predicts,
                 "features": experiment.features,
                 "metasolver": "nn",
-                "options": asdict(options),
+                "options": options.as_dict(),
                 "train_config": asdict(config),
                 "training_data_sha256": tasks_digest(*train_tasks.fields.values()),
                 "best_epoch": result.best_epoch,
@@ -422,27 +432,24 @@ def _train(
 
 
 def load_metasolver(
-    run_dir: Path,
-    problem: str,
-    p: float | None = None,
-    device: str | torch.device = "cpu",
-    sets: int | None = None,
-    ic_pattern: str | None = None,
+    run_dir: Path, problem: str, device: str | torch.device = "cpu", **overrides: Any
 ) -> tuple[Any, nn.Module]:
     """Load a trained meta-solver onto ``device``.
 
-    ``p`` (poisson1d) and ``sets`` (robertson) override the model's task distribution,
-    ``ic_pattern`` (elasticity) the sparsity pattern of its IC(0).
+    ``overrides`` (``None`` values ignored) replace problem options of the saved
+    model that change its test tasks (those with an ``evaluate`` help, e.g.
+    ``p`` of ``poisson1d``).
     """
     device = resolve_device(device)
     config, state = load_run(Path(run_dir), problem)
-    params = _saved_beam_options(problem, config.get("problem_params", {}))
-    given = (("p", p), ("sets", sets), ("ic_pattern", ic_pattern))
-    overrides = {name: value for name, value in given if value is not None}
-    for name, owner in (("p", "poisson1d"), ("sets", "robertson"), ("ic_pattern", "elasticity")):
-        if name in overrides and problem != owner:
-            flag = name.replace("_", "-")
-            raise RunError(f"--{flag} applies to {owner} only; {run_dir} is a {problem!r} model")
+    params = _with_saved_defaults(problem, config.get("problem_params", {}))
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    for name in overrides:
+        option = EXPERIMENTS[problem].option(name)
+        if option is None or option.evaluate is None:
+            flag = "--" + name.replace("_", "-")
+            where = " and ".join(e.name for e in owners(name)) or "no problem"
+            raise RunError(f"{flag} applies to {where} only; {run_dir} is a {problem!r} model")
     try:
         experiment = get_experiment(problem, **params | overrides, device=device)
         metasolver = experiment.metasolver(config.get("metasolver", "nn"))
@@ -458,17 +465,17 @@ def load_metasolver(
     return experiment, metasolver
 
 
-def _saved_beam_options(problem: str | None, saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` (options or problem parameters of a run), with the beam defaults it used.
-
-    A beam run saved without ``ic_pattern`` used each ``A``'s nonzeros (``"values"``),
-    and one saved without ``inputs`` the paper's features (``"paper"``); new runs
-    record both (by default ``"stored"`` and ``"invariant"``).
-    """
-    if problem != "elasticity":
-        return dict(saved)
-    return {"ic_pattern": "values", "inputs": "paper"} | {
-        name: value for name, value in saved.items() if value is not None
+def _in_force(experiment: Experiment, options: TrainOptions) -> dict[str, Any]:
+    """The experiment's options as it trains with them: its parameters, and the defaults of
+    objective options not given (e.g. the beams' ICF penalty weight)."""
+    params = experiment.params()
+    return {
+        option.name: params[option.name]
+        if option.stage == "problem"
+        else option.default
+        if getattr(options, option.name) is None
+        else getattr(options, option.name)
+        for option in experiment.options
     }
 
 
@@ -494,17 +501,9 @@ def evaluate_metasolver(
     ``engine`` is one of the experiment's ``engines``: ``"petsc"`` solves in PETSc
     over ``workers`` processes (the counts differ from torch's only by rounding).
     """
-    if engine not in experiment.engines:
-        raise ValueError(
-            f"--engine for {experiment.name} must be one of {list(experiment.engines)}, "
-            f"got {engine!r}"
-        )
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if workers > 1 and engine == "torch":
-        raise ValueError(f"workers must be 1, or more with --engine petsc only, got {workers}")
+    experiment.check_engine(engine, workers)
     cap = experiment.evaluation_cap if max_iterations is None else max_iterations
     tasks = experiment.tasks("test", seed)
-    if engine == "torch":
+    if engine == TORCH:
         return experiment.stats(metasolver, tasks, tol, cap)
     return experiment.stats(metasolver, tasks, tol, cap, engine=engine, workers=workers)
