@@ -450,3 +450,26 @@ def test_psi_best_in_petsc_is_the_best_of_the_grid_solved_there(experiment, task
     counts = torch.stack([torch.where(r.converged, r.iterations, 244) for r in grid])
     expected = counts.min(0).values.clamp(max=243)
     assert stats.iterations.tolist() == expected.tolist()
+
+
+@needs_dolfinx
+@pytest.mark.parametrize("engine", ["torch", "petsc"])
+def test_training_on_another_mesh_runs_on_sparse_matrices(engine, tmp_path, monkeypatch):
+    from femeta.problems import elasticity
+    from femeta.solvers.sparse import SparseBatch
+    from femeta.training import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(elasticity, "SPLIT_SIZES", {"train": 24, "validation": 8, "test": 8})
+    experiment = ElasticityIccg(cells=(6, 2, 2))
+    train_tasks, validation = experiment.tasks("train", 0), experiment.tasks("validation", 0)
+    assert isinstance(train_tasks["A"], SparseBatch) and train_tasks["A"].shape[1:] == (189, 189)
+    psi = experiment.metasolver("nn", train_tasks)
+    smooth = 0.25 if engine == "petsc" else None
+    objective = experiment.objective("surrogate", 189, 1e-6, smooth=smooth, engine=engine)
+    result = train(psi, objective, train_tasks, validation, experiment.train_config(2, 8, 1e-3, 0))
+    assert len(result.history) == 2
+    assert all(math.isfinite(record.validation_loss) for record in result.history)
+    stats = experiment.stats(psi, experiment.tasks("test", 0), 1e-6, 189, engine=engine)
+    assert 0 < stats.mean_iterations <= 189
+    assert 0 < experiment.base_shift(train_tasks) <= 10
