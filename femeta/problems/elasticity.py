@@ -129,7 +129,9 @@ class ElasticBeam:
         The same for every task: each pair of unknowns that share a cell. Some of
         these entries cancel to zero or to rounding noise in a task's ``A``, so the
         nonzeros of ``A`` change from task to task with rounding; PETSc's ICC(0) on
-        the assembled matrix keeps them all, explicit zeros included.
+        the assembled matrix keeps them all, explicit zeros included. The datasets'
+        ``A`` (a :class:`SparseBatch`) stores exactly these entries; this dense mask
+        is ``O(N^2)``, for small meshes.
         """
         path = self._cache_path("pattern")
         if path is not None and path.exists():
