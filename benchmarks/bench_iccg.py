@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tasks = ElasticBeam().split("test", args.seed).subset(slice(0, args.tasks))
-    A, b = tasks["A"], tasks["b"]
+    A, b = tasks["A"].to_dense(), tasks["b"]  # IC(0) on each A's nonzeros
     alpha = torch.full((len(tasks),), args.alpha, dtype=torch.float64)
     stop = {"tol": args.tol, "max_iterations": args.max_iterations}
     batches = [slice(start, start + args.batch) for start in range(0, len(tasks), args.batch)]

@@ -21,6 +21,7 @@ from torch import Tensor
 import femeta
 from femeta._io import write_atomic
 from femeta.model import CONFIG, WEIGHTS, RunError, read_config
+from femeta.solvers.sparse import SparseBatch
 
 __all__ = [
     "RunError",
@@ -35,11 +36,18 @@ __all__ = [
 HISTORY = "history.json"
 
 
-def tasks_digest(*tensors: Tensor) -> str:
-    """A SHA-256 of the training data, to tell later which data a model saw."""
+def tasks_digest(*tensors: Tensor | SparseBatch) -> str:
+    """A SHA-256 of the training data, to tell later which data a model saw.
+
+    A :class:`SparseBatch` counts as its pattern and values.
+    """
     digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for item in tensors:
+        parts = (
+            (item.indptr, item.indices, item.values) if isinstance(item, SparseBatch) else (item,)
+        )
+        for tensor in parts:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

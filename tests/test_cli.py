@@ -239,8 +239,7 @@ def test_evaluate_elasticity_baseline_petsc_is_petscs_default_icc(invoke):
     assert (summary["model"], summary["n_tasks"], summary["max_iterations"]) == ("petsc", 1000, 243)
     experiment = ElasticityIccg()
     test = experiment.tasks("test", 0)
-    solved = default_icc(test["A"], test["b"], tol=1e-6, max_iterations=243,
-                         pattern=experiment.pattern)  # fmt: skip
+    solved = default_icc(test["A"], test["b"], tol=1e-6, max_iterations=243)
     reference = IterationStats.from_result(solved, 1e-6, 243)
     assert summary["mean_iterations"] == reference.mean_iterations
     assert summary["convergence_ratio"] == reference.convergence_ratio < 1
@@ -254,8 +253,7 @@ def test_evaluate_elasticity_with_the_petsc_engine(invoke):
     experiment = ElasticityIccg()
     alpha = experiment.base_shift(experiment.tasks("train", 0))
     test = experiment.tasks("test", 0)
-    solved = petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243,
-                        pattern=experiment.pattern)  # fmt: skip
+    solved = petsc_iccg(test["A"], test["b"], alpha, tol=1e-6, max_iterations=243)
     reference = IterationStats.from_result(solved, 1e-6, 243)
     assert summary["engine"] == "petsc" and summary["mean_iterations"] == reference.mean_iterations
     cases = {
@@ -394,7 +392,7 @@ def test_reproduce_table2_rows_end_to_end(tmp_path, invoke):
     assert alpha == pytest.approx(grid[position]) and position > 0
     experiment = ElasticityIccg()
     train, test = experiment.tasks("train", 0), experiment.tasks("test", 0)
-    stop = {"tol": 1e-6, "max_iterations": 243, "pattern": experiment.pattern}
+    stop = {"tol": 1e-6, "max_iterations": 243}
     for shift, fails in ((alpha, False), (grid[position - 1], True)):
         result = petsc_iccg(train["A"], train["b"], shift, **stop)
         assert bool(result.factorization_failed.any()) == fails, shift

@@ -13,6 +13,7 @@ from femeta._fenics import has_dolfinx
 from femeta.problems import elasticity
 from femeta.problems.elasticity import ElasticBeam
 from femeta.solvers.iccg import iccg
+from femeta.solvers.sparse import SparseBatch
 
 pytestmark = [
     pytest.mark.dolfinx,
@@ -32,11 +33,11 @@ def tasks(beam):
 
 def test_shapes_and_fields(beam, tasks):
     assert beam.n == 243
-    assert tasks["A"].shape == (6, 243, 243)
+    assert isinstance(tasks["A"], SparseBatch) and tasks["A"].shape == (6, 243, 243)
     assert tasks["b"].shape == (6, 243)
     assert tasks["params"].shape == (6, 4)
     assert tasks["features"].shape == (6, len(beam.feature_names))
-    A = tasks["A"]
+    A = tasks["A"].to_dense()
     expected = [
         torch.linalg.matrix_norm(A, ord=1),
         torch.linalg.matrix_norm(A, ord=math.inf),
@@ -47,7 +48,7 @@ def test_shapes_and_fields(beam, tasks):
 
 
 def test_matrix_is_symmetric_positive_definite(tasks):
-    A = tasks["A"]
+    A = tasks["A"].to_dense()
     assert torch.equal(A, A.mT)
     assert bool((torch.linalg.cholesky_ex(A).info == 0).all())
 
@@ -57,7 +58,7 @@ def test_clamped_rows_are_identity_rows(beam, tasks):
     coordinates, _ = beam.dof_layout(width)
     clamped = coordinates[:, 0] == 0
     assert int(clamped.sum()) == 27
-    A, b = tasks["A"], tasks["b"]
+    A, b = tasks["A"].to_dense(), tasks["b"]
     block = A[:, clamped][:, :, clamped]
     torch.testing.assert_close(block, torch.eye(27, dtype=A.dtype).expand_as(block), rtol=0, atol=0)
     assert bool((A[:, clamped][:, :, ~clamped] == 0).all())
@@ -77,7 +78,9 @@ def test_load_is_the_weight_on_the_free_vertices(beam, tasks):
 
 
 def test_matrix_matches_an_independent_assembly(beam, tasks):
-    for params, A, b in zip(tasks["params"][:3], tasks["A"][:3], tasks["b"][:3], strict=True):
+    for params, A, b in zip(
+        tasks["params"][:3], tasks["A"][:3].to_dense(), tasks["b"][:3], strict=True
+    ):
         width, lam, mu, rho = params.tolist()
         coordinates, component = beam.dof_layout(width)
         expected_A, expected_b = _reference_system(beam.cells, width, lam, mu, rho)
@@ -100,7 +103,7 @@ def test_stocky_tip_deflection_is_close_to_beam_theory(beam):
     young = mu * (3 * lam + 2 * mu) / (lam + mu)
     for width, low, high in ((0.3, 0.9, 1.05), (0.1, 0.4, 1.0)):
         A, b = beam.assemble(torch.tensor([[width, lam, mu, rho]], dtype=torch.float64))
-        u = torch.linalg.solve(A[0], b[0])
+        u = torch.linalg.solve(A.to_dense()[0], b[0])
         coordinates, component = beam.dof_layout(width)
         tip = (coordinates[:, 0] == beam.length) & (component == 2)
         load = rho * 0.4 * width**2 * width**2
@@ -119,6 +122,7 @@ def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
         [[width, k * lam, k * mu, r * rho] for k, r in scales], dtype=torch.float64
     )
     A, b = beam.assemble(params)
+    A = A.to_dense()
     free = A[0].diagonal() != 1.0
     for (k, r), A_k, b_k in zip(scales, A, b, strict=True):
         # Entries that cancel to rounding level (1e-17) are not scaled exactly.
@@ -132,7 +136,7 @@ def test_a_task_is_set_by_width_and_lambda_over_mu(beam):
         assert int(iterations.max() - iterations.min()) <= 1 and int(iterations.max()) < 243
 
 
-def failing_shift(A: torch.Tensor, pattern: torch.Tensor | None) -> list[float]:
+def failing_shift(A: torch.Tensor | SparseBatch, pattern: torch.Tensor | None) -> list[float]:
     """Per beam, the shift below which IC(0) fails, bisected in log alpha to 1e-7."""
     low = torch.full((A.shape[0],), math.log(1e-8), dtype=torch.float64)
     high = torch.zeros(A.shape[0], dtype=torch.float64)
@@ -148,9 +152,12 @@ def failing_shift(A: torch.Tensor, pattern: torch.Tensor | None) -> list[float]:
 def test_stored_pattern_is_shared_and_holds_every_nonzero(beam, tasks):
     pattern = beam.stored_pattern()
     assert pattern.shape == (beam.n, beam.n) and torch.equal(pattern, pattern.T)
-    assert bool(((tasks["A"] != 0) <= pattern).all())
+    A = tasks["A"].to_dense()
+    assert bool(((A != 0) <= pattern).all())
     # Some stored entries cancel, to zero or to rounding noise, and differently per task.
-    assert bool(((tasks["A"] == 0) & pattern).any(dim=(1, 2)).all())
+    assert bool(((A == 0) & pattern).any(dim=(1, 2)).all())
+    # The datasets store exactly this pattern.
+    assert torch.equal(SparseBatch.from_dense(A, pattern).indices, tasks["A"].indices)
 
 
 def test_the_failing_shift_on_the_stored_pattern_does_not_depend_on_rounding(beam):
@@ -159,9 +166,10 @@ def test_the_failing_shift_on_the_stored_pattern_does_not_depend_on_rounding(bea
     # assembly came out as exact zeros in one matrix and as rounding noise in the other.
     params = torch.tensor([[0.004, 0.6, 1.0, 1.0], [0.004, 0.06, 0.1, 1.0]], dtype=torch.float64)
     A, _ = beam.assemble(params)
-    first, second = failing_shift(A, beam.stored_pattern())
+    first, second = failing_shift(A.to_dense(), beam.stored_pattern())
     assert 1e-4 < first < 1e-2
     assert second == pytest.approx(first, rel=1e-6)
+    assert failing_shift(A, None) == [first, second]  # the sparse batch keeps that pattern
 
 
 def test_sample_is_deterministic_and_cached(tmp_path):
@@ -169,8 +177,10 @@ def test_sample_is_deterministic_and_cached(tmp_path):
     again = ElasticBeam(cache_dir=tmp_path)
     second = again.sample(3, seed=5)
     assert again._assembler is None, "a cached dataset must load without assembling"
-    for name in ("A", "b", "params", "features"):
+    for name in ("b", "params", "features"):
         assert torch.equal(first[name], second[name])
+    for part in ("indptr", "indices", "values"):
+        assert torch.equal(getattr(first["A"], part), getattr(second["A"], part))
     assert [path.suffix for path in tmp_path.iterdir()] == [".safetensors"]
     other = ElasticBeam(cache=False).sample(3, seed=6)
     assert not torch.equal(first["params"], other["params"])
@@ -200,7 +210,7 @@ def test_splits_are_distinct_and_deterministic(tmp_path, monkeypatch):
     train, validation = beam.split("train", seed=0), beam.split("validation", seed=0)
     assert len(train) == 2
     assert not torch.equal(train["params"], validation["params"])
-    assert torch.equal(train["A"], beam.split("train", seed=0)["A"])
+    assert torch.equal(train["A"].values, beam.split("train", seed=0)["A"].values)
     with pytest.raises(ValueError, match="unknown split"):
         beam.split("holdout", seed=0)
 

@@ -64,9 +64,7 @@ def test_a_failed_factorization_costs_the_icf_penalty(experiment, tasks, gamma):
     # The same shift (exp(log 1e-4) is not 1e-4 to the last bit) and the same path: with
     # a tangent, rounding differs, and ill-conditioned solves move by an iteration or two.
     alpha = psi(tasks["features"]).detach().requires_grad_()
-    result = iccg(
-        tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243, pattern=experiment.pattern
-    )
+    result = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
     failed = result.factorization_failed
     assert 0 < int(failed.sum()) < 16
     penalty = torch.full((16,), weight * math.log(1e4), dtype=torch.float64)
@@ -84,12 +82,11 @@ def test_objective_on_successful_solves_is_the_solve_loss(experiment, tasks, los
     objective = experiment.objective(loss, 243 if loss == "surrogate" else 25, 1e-6)
     value = objective(psi, tasks)
     alpha = torch.ones(16, dtype=torch.float64, requires_grad=True)
-    pattern = experiment.pattern
     if loss == "surrogate":
-        solved = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243, pattern=pattern)
+        solved = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243)
         expected = iteration_surrogate(solved, 1e-6)
     else:  # the relative residual after m iterations, not squared (§4.2)
-        solved = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25, pattern=pattern)
+        solved = iccg(tasks["A"], tasks["b"], alpha, tol=None, max_iterations=25)
         expected = solved.final_error
     torch.testing.assert_close(value.detach(), expected.detach())
 
@@ -121,16 +118,9 @@ def test_base_shift_is_the_smallest_grid_shift_that_factorizes_every_task(experi
     position = grid.index(alpha)
     for shift in grid[position:]:
         assert not iccg(
-            tasks["A"], tasks["b"], shift, tol=None, max_iterations=0, pattern=experiment.pattern
+            tasks["A"], tasks["b"], shift, tol=None, max_iterations=0
         ).factorization_failed.any()
-    below = iccg(
-        tasks["A"],
-        tasks["b"],
-        grid[position - 1],
-        tol=None,
-        max_iterations=0,
-        pattern=experiment.pattern,
-    )
+    below = iccg(tasks["A"], tasks["b"], grid[position - 1], tol=None, max_iterations=0)
     assert below.factorization_failed.any()
     assert isinstance(experiment.metasolver("base", tasks), ConstantShift)
 
@@ -142,14 +132,7 @@ def test_best_is_no_worse_than_any_grid_shift(experiment, tasks):
     cap = 243
     best_counts = torch.where(best.converged, best.iterations, cap)
     for alpha in grid.tolist():
-        result = iccg(
-            subset["A"],
-            subset["b"],
-            alpha,
-            tol=1e-6,
-            max_iterations=cap,
-            pattern=experiment.pattern,
-        )
+        result = iccg(subset["A"], subset["b"], alpha, tol=1e-6, max_iterations=cap)
         counts = torch.where(result.converged, result.iterations, cap)
         assert bool((best_counts <= counts).all())
     with pytest.raises(ValueError, match="tolerance"):
@@ -194,7 +177,7 @@ def test_invariant_inputs_see_only_what_the_solve_depends_on(tasks):
     (A, b), (A_scaled, b_scaled) = beam.assemble(params), beam.assemble(scaled)
     for alpha in (1e-3, 0.1):
         first, second = (
-            iccg(A_, b_, alpha, tol=1e-6, max_iterations=243, pattern=invariant.pattern)
+            iccg(A_, b_, alpha, tol=1e-6, max_iterations=243)
             for A_, b_ in ((A, b), (A_scaled, b_scaled))
         )
         assert torch.equal(first.iterations, second.iterations)
@@ -234,12 +217,14 @@ def test_stored_ic_pattern_reaches_every_solve(tasks):
 
     stored = ElasticityIccg()
     assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored", "inputs": "invariant"}
-    assert ElasticityIccg(ic_pattern="values").pattern is None
+    assert stored.matrices(tasks["A"]) is tasks["A"]
+    values = ElasticityIccg(ic_pattern="values").matrices(tasks["A"])
+    assert torch.equal(values, tasks["A"].to_dense())
     pattern = ElasticBeam(cache=False).stored_pattern()
     psi = LogShift(3e-3)
     with torch.no_grad():  # a solve that carries d/d alpha rounds differently
         alpha = psi(tasks["features"])
-        expected = iccg(tasks["A"], tasks["b"], alpha, tol=1e-6, max_iterations=243,
+        expected = iccg(tasks["A"].to_dense(), tasks["b"], alpha, tol=1e-6, max_iterations=243,
                         pattern=pattern)  # fmt: skip
         result = stored.solve(psi, tasks, 1e-6, 243)
     assert torch.equal(result.iterations, expected.iterations)
@@ -271,9 +256,7 @@ def test_unknown_options_and_meta_solvers_are_rejected():
 def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks):
     subset = tasks.subset(slice(0, 8))
     alpha = 1e-4  # some of these beams fail at this shift, some solve
-    failed = iccg(
-        subset["A"], subset["b"], alpha, tol=None, max_iterations=0, pattern=experiment.pattern
-    ).factorization_failed
+    failed = iccg(subset["A"], subset["b"], alpha, tol=None, max_iterations=0).factorization_failed
     assert 0 < int(failed.sum()) < 8
     limit = 1e-3
     psi = LogShift(alpha)
@@ -302,7 +285,7 @@ def test_smooth_derivative_is_the_central_difference_of_the_solve_loss(
     solver = {"torch": iccg, "petsc": petsc_iccg}[engine]
 
     def solve(shift):  # no tangent: the path the smoothed objective takes
-        stop = {"tol": 1e-6, "max_iterations": 243, "pattern": experiment.pattern}
+        stop = {"tol": 1e-6, "max_iterations": 243}
         result = solver(subset["A"], subset["b"], shift, **stop)
         return result.factorization_failed, iteration_surrogate(result, 1e-6)
 
@@ -463,7 +446,30 @@ def test_psi_best_in_petsc_is_the_best_of_the_grid_solved_there(experiment, task
     stats = experiment.stats(best, subset, 1e-6, 243, engine="petsc", workers=2)
     with PetscIccg() as engine:
         grid = engine.many(subset["A"], subset["b"], experiment.alpha_grid.tolist(), tol=1e-6,
-                           max_iterations=243, pattern=experiment.pattern)  # fmt: skip
+                           max_iterations=243)  # fmt: skip
     counts = torch.stack([torch.where(r.converged, r.iterations, 244) for r in grid])
     expected = counts.min(0).values.clamp(max=243)
     assert stats.iterations.tolist() == expected.tolist()
+
+
+@needs_dolfinx
+@pytest.mark.parametrize("engine", ["torch", "petsc"])
+def test_training_on_another_mesh_runs_on_sparse_matrices(engine, tmp_path, monkeypatch):
+    from femeta.problems import elasticity
+    from femeta.solvers.sparse import SparseBatch
+    from femeta.training import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(elasticity, "SPLIT_SIZES", {"train": 24, "validation": 8, "test": 8})
+    experiment = ElasticityIccg(cells=(6, 2, 2))
+    train_tasks, validation = experiment.tasks("train", 0), experiment.tasks("validation", 0)
+    assert isinstance(train_tasks["A"], SparseBatch) and train_tasks["A"].shape[1:] == (189, 189)
+    psi = experiment.metasolver("nn", train_tasks)
+    smooth = 0.25 if engine == "petsc" else None
+    objective = experiment.objective("surrogate", 189, 1e-6, smooth=smooth, engine=engine)
+    result = train(psi, objective, train_tasks, validation, experiment.train_config(2, 8, 1e-3, 0))
+    assert len(result.history) == 2
+    assert all(math.isfinite(record.validation_loss) for record in result.history)
+    stats = experiment.stats(psi, experiment.tasks("test", 0), 1e-6, 189, engine=engine)
+    assert 0 < stats.mean_iterations <= 189
+    assert 0 < experiment.base_shift(train_tasks) <= 10

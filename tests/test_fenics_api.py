@@ -15,6 +15,7 @@ if has_dolfinx():
     import femeta
     from femeta.experiments import ElasticityIccg
     from femeta.fenics import LinearProblem, configure
+    from femeta.problems.base import TaskSet
     from femeta.solvers.petsc import petsc_iccg
 
     class RecordingKSP(PETSc.KSP):
@@ -65,9 +66,11 @@ def aij(array, pattern):
 
 @pytest.fixture(scope="module")
 def dataset():
-    """femeta's test beams (N = 243) and the entries its IC(0) keeps."""
+    """femeta's test beams (N = 243), their A dense, and the entries its IC(0) keeps."""
     experiment = ElasticityIccg()
-    return experiment.tasks("test", 0), experiment.pattern
+    tasks = experiment.tasks("test", 0)
+    dense = TaskSet({**tasks.fields, "A": tasks["A"].to_dense()})
+    return dense, experiment.problem.stored_pattern()
 
 
 def femeta_solve(A, b, alphas, pattern):

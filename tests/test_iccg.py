@@ -72,7 +72,7 @@ def beams():
     from femeta.problems.elasticity import ElasticBeam
 
     tasks = ElasticBeam(cache=False).sample(24, seed=2024)
-    return tasks["A"], tasks["b"], tasks["params"][:, 0]
+    return tasks["A"].to_dense(), tasks["b"], tasks["params"][:, 0]
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,8 @@ def main() -> None:
         alpha = metasolver(tasks["features"])
     log_alpha = alpha.log().requires_grad_()
     cap = experiment.evaluation_cap
-    result = iccg(tasks["A"], tasks["b"], log_alpha.exp(), tol=args.tol, max_iterations=cap,
-                  pattern=experiment.pattern)  # fmt: skip
+    A = experiment.matrices(tasks["A"])
+    result = iccg(A, tasks["b"], log_alpha.exp(), tol=args.tol, max_iterations=cap)
     (grad,) = torch.autograd.grad(iteration_surrogate(result, args.tol).sum(), log_alpha)
     ok = ~result.factorization_failed
     print(f"{len(tasks)} training beams, tol {args.tol:g}, cap {cap}")

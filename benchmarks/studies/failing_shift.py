@@ -51,9 +51,9 @@ def main() -> None:
     line = torch.stack([widths, 0.6 * ones, ones, ones], dim=1)
     for name in IC_PATTERNS:
         experiment = ElasticityIccg(ic_pattern=name)
-        beam, pattern = experiment.problem, experiment.pattern
-        pair = failing_shift(beam.assemble(same)[0], pattern)
-        along = failing_shift(beam.assemble(line)[0], pattern)
+        beam, pattern = experiment.problem, None  # the matrices carry IC(0)'s pattern
+        pair = failing_shift(experiment.matrices(beam.assemble(same)[0]), pattern)
+        along = failing_shift(experiment.matrices(beam.assemble(line)[0]), pattern)
         jumps = int((np.abs(np.diff(along)) > 0.1).sum())
         print(f"{name}: the same beam twice fails below 10^{pair[0]:.3f} and 10^{pair[1]:.3f}")
         print(f"  W from 0.003 to 0.006 (30 points, lambda/mu 0.6): log10 shift from "
@@ -66,7 +66,7 @@ def main() -> None:
             tasks = experiment.tasks(split, 0)
             params = tasks["params"].numpy()
             x = np.stack([np.log(params[:, 0]), np.log(params[:, 1] / params[:, 2])], 1)
-            fitted[split] = (x, failing_shift(tasks["A"], pattern))
+            fitted[split] = (x, failing_shift(experiment.matrices(tasks["A"]), pattern))
         x, y = fitted["train"]
         keep = y > -5.99  # beams that fail somewhere above 1e-6
         centre, scale = x.mean(0), x.std(0)

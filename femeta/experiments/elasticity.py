@@ -28,13 +28,16 @@ from femeta.problems.elasticity import ElasticBeam, default_cache_dir
 from femeta.runs import tasks_digest
 from femeta.solvers.iccg import IccgResult, iccg
 from femeta.solvers.petsc import PetscIccg, default_icc
+from femeta.solvers.sparse import SparseBatch
 from femeta.training import Objective
 
 __all__ = ["BEAM_INPUTS", "IC_PATTERNS", "ElasticityIccg"]
 
 _Solved = tuple[IccgResult, Tensor]
 # Solves ``A x = b`` at each of several shifts: (A, b, alphas, tol, max_iterations).
-_ShiftsSolver = Callable[[Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]]
+_ShiftsSolver = Callable[
+    [SparseBatch | Tensor, Tensor, list[Tensor], float | None, int], list[IccgResult]
+]
 #: The sparsity patterns that the beams' IC(0) can keep (:class:`ElasticityIccg`).
 IC_PATTERNS = ("values", "stored")
 #: What Psi_nn of the beams sees (``ElasticityIccg.inputs``), described.
@@ -53,7 +56,7 @@ IC_PATTERN = Option(
     "the sparsity pattern IC(0) keeps: 'stored', the entries DOLFINx's matrix stores, as "
     "PETSc's ICC keeps them in a FEniCS script; 'values', the nonzeros of each A, where the "
     "shift at which IC(0) fails depends on which stored entries cancelled to exact zeros in "
-    "the assembly.",
+    "the assembly (dense matrices: small meshes only).",
     default="stored",
     choices=IC_PATTERNS,
     evaluate="IC(0)'s sparsity pattern, 'values' or 'stored', as in train.",
@@ -167,7 +170,6 @@ class ElasticityIccg(Experiment):
     inputs: str = INPUTS.default
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
-    _pattern: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     # One PETSc engine per worker count, shared by the objective and the monitor.
     _engines: dict[int, _ShiftsSolver] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -184,12 +186,14 @@ class ElasticityIccg(Experiment):
         """What Psi_nn sees."""
         return BEAM_INPUTS[self.inputs]
 
-    @property
-    def pattern(self) -> Tensor | None:
-        """IC(0)'s sparsity pattern for :func:`iccg` (``None``: each ``A``'s nonzeros)."""
-        if self.ic_pattern == "stored" and self._pattern is None:
-            self._pattern = self.problem.stored_pattern().to(self.device)
-        return self._pattern
+    def matrices(self, A: SparseBatch) -> SparseBatch | Tensor:
+        """The tasks' ``A`` as the solvers take it to keep :attr:`ic_pattern`.
+
+        ``"stored"``: the batch itself, whose IC(0) keeps its stored entries.
+        ``"values"``: dense ``(B, N, N)``, whose IC(0) keeps each matrix's
+        nonzeros (small meshes only: ``O(B N^2)`` memory).
+        """
+        return A if self.ic_pattern == "stored" else A.to_dense()
 
     @property
     def evaluation_cap(self) -> int:
@@ -318,9 +322,7 @@ class ElasticityIccg(Experiment):
             return float(json.loads(path.read_text())["alpha"])
         chosen = None
         for alpha in self.alpha_grid.flip(0).tolist():
-            result = iccg(
-                tasks["A"], tasks["b"], alpha, tol=None, max_iterations=0, pattern=self.pattern
-            )
+            result = iccg(self.matrices(tasks["A"]), tasks["b"], alpha, tol=None, max_iterations=0)
             if bool(result.factorization_failed.any()):
                 break
             chosen = alpha
@@ -338,20 +340,14 @@ class ElasticityIccg(Experiment):
         instead, on the same pattern (on the CPU; the result comes back to this device).
         """
         if isinstance(metasolver, ShiftGrid):
-            torch_shifts = partial(_torch_shifts, pattern=self.pattern)
-            return self._best(metasolver.grid, tasks, tol, max_iterations, torch_shifts, 1)
+            return self._best(metasolver.grid, tasks, tol, max_iterations, _torch_shifts, 1)
         if isinstance(metasolver, PetscDefaultShift):
-            pattern = None if self.pattern is None else self.pattern.cpu()
-            result = default_icc(
-                tasks["A"].cpu(), tasks["b"].cpu(), tol=tol, max_iterations=max_iterations,
-                pattern=pattern,
-            )  # fmt: skip
+            A = self.matrices(tasks["A"].to("cpu"))
+            result = default_icc(A, tasks["b"].cpu(), tol=tol, max_iterations=max_iterations)
             return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
         alpha = metasolver(tasks["features"])
-        return iccg(
-            tasks["A"], tasks["b"], alpha, tol=tol, max_iterations=max_iterations,
-            pattern=self.pattern,
-        )  # fmt: skip
+        A = self.matrices(tasks["A"])
+        return iccg(A, tasks["b"], alpha, tol=tol, max_iterations=max_iterations)
 
     def _best(
         self, grid: Tensor, tasks: TaskSet, tol: float | None, cap: int,
@@ -369,12 +365,11 @@ class ElasticityIccg(Experiment):
             torch.full((len(tasks),), alpha, dtype=torch.float64, device=self.device)
             for alpha in grid.tolist()
         ]
+        A = self.matrices(tasks["A"])
         results = (
             result
             for start in range(0, len(shifts), per_round)
-            for result in solve_shifts(
-                tasks["A"], tasks["b"], shifts[start : start + per_round], tol, cap
-            )
+            for result in solve_shifts(A, tasks["b"], shifts[start : start + per_round], tol, cap)
         )
         best: list[Tensor] = []
         best_counts = torch.empty(0)
@@ -414,7 +409,8 @@ class ElasticityIccg(Experiment):
         elif engine == "petsc" and not isinstance(metasolver, PetscDefaultShift):
             alpha = metasolver(tasks["features"])
             solve = self._petsc_solver(workers)
-            (result,) = solve(tasks["A"], tasks["b"], [alpha], tol, max_iterations)
+            A = self.matrices(tasks["A"])
+            (result,) = solve(A, tasks["b"], [alpha], tol, max_iterations)
         else:
             result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
@@ -426,12 +422,12 @@ class ElasticityIccg(Experiment):
         engine = PetscIccg(workers)
 
         def solve(
-            A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int
-        ) -> list[IccgResult]:
-            pattern = None if self.pattern is None else self.pattern.cpu()
+            A: SparseBatch | Tensor, b: Tensor, alphas: list[Tensor], tol: float | None,
+            max_iterations: int,
+        ) -> list[IccgResult]:  # fmt: skip
             results = engine.many(
-                A.cpu(), b.cpu(), [alpha.detach().cpu() for alpha in alphas], tol=tol,
-                max_iterations=max_iterations, pattern=pattern,
+                A.to("cpu"), b.cpu(), [alpha.detach().cpu() for alpha in alphas], tol=tol,
+                max_iterations=max_iterations,
             )  # fmt: skip
             return [
                 IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
@@ -482,14 +478,11 @@ class ElasticityIccg(Experiment):
             raise ValueError("the surrogate loss needs a training tolerance (--tol)")
         smooth = step or None
         gamma = self.gamma if gamma is None else float(gamma)
-        if engine == "torch":
-            solver = partial(_torch_shifts, pattern=self.pattern)
-        else:
-            solver = self._petsc_solver(workers)
+        solver = _torch_shifts if engine == "torch" else self._petsc_solver(workers)
         stop_tol = None if loss == "m" else tol
 
         def solve_losses_at(tasks: TaskSet, shifts: list[Tensor]) -> list[_Solved]:
-            results = solver(tasks["A"], tasks["b"], shifts, stop_tol, m)
+            results = solver(self.matrices(tasks["A"]), tasks["b"], shifts, stop_tol, m)
             if loss == "m":
                 return [(result, error_after_m(result, squared=False)) for result in results]
             return [(result, iteration_surrogate(result, tol, gain)) for result in results]
@@ -524,13 +517,10 @@ class _ClipLogDerivative(torch.autograd.Function):
 
 
 def _torch_shifts(
-    A: Tensor, b: Tensor, alphas: list[Tensor], tol: float | None, max_iterations: int,
-    pattern: Tensor | None,
+    A: SparseBatch | Tensor, b: Tensor, alphas: list[Tensor], tol: float | None,
+    max_iterations: int,
 ) -> list[IccgResult]:  # fmt: skip
-    return [
-        iccg(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
-        for alpha in alphas
-    ]
+    return [iccg(A, b, alpha, tol=tol, max_iterations=max_iterations) for alpha in alphas]
 
 
 def _smoothed(

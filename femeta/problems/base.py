@@ -14,7 +14,9 @@ __all__ = ["TaskSet", "split_size_and_seed"]
 class TaskSet:
     """Named tensors describing ``len(self)`` tasks, one row per task.
 
-    ``tasks["f"]`` returns a field; :meth:`subset` selects tasks.
+    ``tasks["f"]`` returns a field; :meth:`subset` selects tasks. A field may also
+    be a batch that indexes and moves like a tensor along its first axis (e.g. a
+    :class:`~femeta.solvers.sparse.SparseBatch` of matrices).
     """
 
     def __init__(self, fields: Mapping[str, Tensor]):

@@ -11,7 +11,9 @@ A task is ``tau = (W, lambda, mu, rho)`` with ``W ~ LogUniform(0.003, 0.3)`` and
 ``lambda, mu, rho ~ LogUniform(0.1, 10)``. P1 vector Lagrange elements on a
 hexahedral box mesh of 8 x 2 x 2 cells give ``N = 243`` unknowns. Dirichlet rows
 are kept as identity rows with zeroed columns (as legacy FEniCS
-``assemble_system`` gives), so ``A`` stays symmetric positive definite.
+``assemble_system`` gives), so ``A`` stays symmetric positive definite. The
+matrices are kept sparse, on the entries DOLFINx's matrix stores
+(:class:`~femeta.solvers.sparse.SparseBatch`), so any mesh size fits in memory.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.problems.base import TaskSet, split_size_and_seed
+from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
 
 SPLIT_SIZES = {"train": 1000, "validation": 1000, "test": 1000}
 PARAM_NAMES = ("W", "lambda", "mu", "rho")
 FEATURE_NAMES = (*PARAM_NAMES, "norm_1", "norm_inf", "norm_fro")
-_CACHE_FORMAT = 1
+# Format 2 stores the CSR pattern once and every task's values on it; format 1 files
+# (dense entries on the union of nonzeros) are not read, and the datasets reassembled.
+_CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -97,11 +102,13 @@ class ElasticBeam:
         self.n = 3 * math.prod(c + 1 for c in self.cells)
         self._assembler: _BeamAssembler | None = None
 
-    def assemble(self, params: Tensor) -> tuple[Tensor, Tensor]:
+    def assemble(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
         """Assemble the systems of the tasks ``params``, rows ``(W, lambda, mu, rho)``.
 
         Returns:
-            ``A`` of shape ``(B, N, N)`` and ``b`` of shape ``(B, N)``, float64.
+            ``A``, a :class:`SparseBatch` of ``B`` matrices ``N x N`` on the entries
+            DOLFINx's matrix stores (explicit zeros included), and ``b`` of shape
+            ``(B, N)``, float64.
         """
         params = _check_params(params)
         return self._forms()(params)
@@ -122,7 +129,9 @@ class ElasticBeam:
         The same for every task: each pair of unknowns that share a cell. Some of
         these entries cancel to zero or to rounding noise in a task's ``A``, so the
         nonzeros of ``A`` change from task to task with rounding; PETSc's ICC(0) on
-        the assembled matrix keeps them all, explicit zeros included.
+        the assembled matrix keeps them all, explicit zeros included. The datasets'
+        ``A`` (a :class:`SparseBatch`) stores exactly these entries; this dense mask
+        is ``O(N^2)``, for small meshes.
         """
         path = self._cache_path("pattern")
         if path is not None and path.exists():
@@ -147,7 +156,8 @@ class ElasticBeam:
     def sample(self, count: int, seed: int) -> TaskSet:
         """Draw and assemble ``count`` tasks, deterministically from ``seed``.
 
-        Fields: ``A`` ``(count, N, N)``, ``b`` ``(count, N)``, ``params``
+        Fields: ``A`` (a :class:`SparseBatch` of ``count`` matrices ``N x N``, on the
+        stored pattern), ``b`` ``(count, N)``, ``params``
         ``(count, 4)`` in the order of :attr:`param_names`, and ``features``
         ``(count, 7)`` in the order of :attr:`feature_names` (the parameters and
         the 1-, infinity- and Frobenius norms of ``A``, not normalised).
@@ -196,13 +206,11 @@ class ElasticBeam:
     def _store(self, path: Path, tasks: TaskSet) -> None:
         from safetensors.torch import save
 
-        # The matrices are stored on their nonzero pattern: a dense split would take ~0.5 GB.
         A = tasks["A"]
-        rows, cols = torch.nonzero(A.ne(0).any(dim=0), as_tuple=True)
         fields = {
-            "rows": rows,
-            "cols": cols,
-            "values": A[:, rows, cols].contiguous(),
+            "indptr": A.indptr,
+            "indices": A.indices,
+            "values": A.values,
             "b": tasks["b"],
             "params": tasks["params"],
         }
@@ -212,9 +220,7 @@ class ElasticBeam:
         from safetensors.torch import load_file
 
         fields = load_file(path)
-        count = fields["params"].shape[0]
-        A = torch.zeros(count, self.n, self.n, dtype=torch.float64)
-        A[:, fields["rows"], fields["cols"]] = fields["values"]
+        A = SparseBatch(fields["indptr"], fields["indices"], fields["values"])
         params = fields["params"]
         return TaskSet(
             {"A": A, "b": fields["b"], "params": params, "features": _features(params, A)}
@@ -240,11 +246,8 @@ def _check_params(params: Tensor) -> Tensor:
     return params
 
 
-def _features(params: Tensor, A: Tensor) -> Tensor:
-    norm_1 = torch.linalg.matrix_norm(A, ord=1)
-    norm_inf = torch.linalg.matrix_norm(A, ord=math.inf)
-    norm_fro = torch.linalg.matrix_norm(A, ord="fro")
-    return torch.cat([params, torch.stack([norm_1, norm_inf, norm_fro], dim=1)], dim=1)
+def _features(params: Tensor, A: SparseBatch) -> Tensor:
+    return torch.cat([params, A.norms()], dim=1)
 
 
 class _BeamAssembler:
@@ -287,8 +290,20 @@ class _BeamAssembler:
         self.matrix = fem.create_matrix(self.bilinear, block_mode=la.BlockMode.expanded)
         indptr, indices = self.matrix.indptr, self.matrix.indices
         self.n = space.dofmap.index_map.size_local * space.dofmap.index_map_bs
-        self.rows = torch.from_numpy(np.repeat(np.arange(self.n), np.diff(indptr)[: self.n]))
-        self.cols = torch.from_numpy(indices[: indptr[self.n]].astype(np.int64))
+        self.nnz = int(indptr[self.n])
+        # The pattern in CSR order with sorted columns; ``order`` maps DOLFINx's data to it.
+        self.order = torch.from_numpy(
+            np.lexsort(
+                (indices[: self.nnz], np.repeat(np.arange(self.n), np.diff(indptr)[: self.n]))
+            )
+        )
+        self.pattern = SparseBatch(
+            torch.from_numpy(indptr[: self.n + 1].astype(np.int64)),
+            torch.from_numpy(indices[: self.nnz].astype(np.int64))[self.order],
+            torch.zeros(0, self.nnz, dtype=torch.float64),
+        )
+        self.rows, self.cols = self.pattern.rows(), self.pattern.indices
+        self.transposition = self.pattern.transposition()
         self.length = length
         # Snapped to the lattice: tabulated coordinates carry rounding (e.g. -3e-18 for 0).
         lattice = np.array(cells) / np.array([length, 1.0, 1.0])
@@ -300,13 +315,12 @@ class _BeamAssembler:
         coordinates[:, 1:] *= width
         return coordinates.repeat_interleave(3, dim=0), torch.arange(self.n) % 3
 
-    def __call__(self, params: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
         fem = self.fem
         count = params.shape[0]
-        A = torch.zeros(count, self.n, self.n, dtype=torch.float64)
+        values = torch.zeros(count, self.nnz, dtype=torch.float64)
         b = torch.zeros(count, self.n, dtype=torch.float64)
         vector = np.zeros(self.n)
-        nnz = self.cols.shape[0]
         try:
             for task, (width, lam, mu, rho) in enumerate(params.tolist()):
                 self.mesh.geometry.x[:, 1:] = self.reference[:, 1:] * width
@@ -316,9 +330,9 @@ class _BeamAssembler:
                 self.constants["g"].value = 0.4 * (width / self.length) ** 2
                 self.matrix.data[:] = 0.0
                 fem.assemble_matrix(self.matrix, self.bilinear, bcs=[self.bc], diag=1.0)
-                A[task, self.rows, self.cols] = torch.from_numpy(self.matrix.data[:nnz])
+                assembled = torch.from_numpy(self.matrix.data[: self.nnz])[self.order]
                 # Quadrature leaves A symmetric only up to rounding; IC(0) and CG expect it exact.
-                A[task] = 0.5 * (A[task] + A[task].T)
+                values[task] = 0.5 * (assembled + assembled[self.transposition])
                 vector[:] = 0.0
                 fem.assemble_vector(vector, self.linear)
                 # The clamp prescribes u = 0, so lifting it into b adds nothing; only
@@ -327,7 +341,7 @@ class _BeamAssembler:
                 b[task] = torch.from_numpy(vector)
         finally:
             self.mesh.geometry.x[:] = self.reference
-        return A, b
+        return self.pattern.with_values(values), b
 
 
 def beam_system(

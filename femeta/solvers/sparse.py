@@ -144,7 +144,61 @@ class SparseBatch:
     def __getitem__(self, index: Any) -> SparseBatch:
         """The matrices at ``index`` (an int, slice, boolean mask or index tensor)."""
         values = self.values[index]
-        return SparseBatch(self.indptr, self.indices, values if values.dim() == 2 else values[None])
+        return self.with_values(values if values.dim() == 2 else values[None])
+
+    def with_values(self, values: Tensor) -> SparseBatch:
+        """Other matrices ``(B', nnz)`` on this pattern, sharing what was derived from it."""
+        batch = SparseBatch(self.indptr, self.indices, values)
+        for name in ("csr", "lower"):  # pattern-only; the block-diagonal form holds values
+            if name in self.__dict__:
+                batch.__dict__[name] = self.__dict__[name]
+        return batch
+
+    def new_empty(self, shape: Sequence[int]) -> SparseBatch:
+        """``shape[0]`` matrices on this pattern with uninitialised values (``shape`` as for
+        a dense ``(B, N, N)`` tensor)."""
+        if tuple(shape[1:]) != self.shape[1:]:
+            raise ValueError(
+                f"a batch on this pattern has shape (B, *{self.shape[1:]}), not {shape}"
+            )
+        return self.with_values(self.values.new_empty((shape[0], self.nnz)))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """``torch.index_select(batch, 0, index, out=...)`` selects matrices, as on a dense
+        ``(B, N, N)`` tensor; other torch functions do not take a batch."""
+        kwargs = kwargs or {}
+        if func is torch.index_select and len(args) == 3 and args[1] == 0:
+            batch, _, index = args
+            out = kwargs.get("out")
+            values = torch.index_select(
+                batch.values, 0, index, out=None if out is None else out.values
+            )
+            return batch.with_values(values)
+        return NotImplemented
+
+    def transposition(self) -> Tensor:
+        """Where each entry's mirror is stored: ``values[:, p]`` holds the transposes.
+
+        Raises:
+            ValueError: The pattern is not symmetric.
+        """
+        n = self.shape[1]
+        rows = self.rows()
+        key = rows * n + self.indices  # sorted: CSR with sorted columns
+        mirror = self.indices * n + rows
+        position = torch.searchsorted(key, mirror).clamp_max(max(self.nnz - 1, 0))
+        if not bool(torch.equal(key[position], mirror)):
+            raise ValueError("the pattern is not symmetric; a transpose needs other entries")
+        return position
+
+    def norms(self) -> Tensor:
+        """The 1-, infinity- and Frobenius norms of each matrix, ``(B, 3)``."""
+        magnitude = self.values.abs()
+        columns = magnitude.new_zeros(self.shape[:2]).index_add_(1, self.indices, magnitude)
+        rows = magnitude.new_zeros(self.shape[:2]).index_add_(1, self.rows(), magnitude)
+        frobenius = self.values.square().sum(dim=1).sqrt()
+        return torch.stack([columns.amax(dim=1), rows.amax(dim=1), frobenius], dim=1)
 
     def rows(self) -> Tensor:
         """The row of each stored entry, ``(nnz,)``."""
