@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["iccg_batch"]
+__all__ = ["ic0_batch", "iccg_batch"]
 
 
 @njit(cache=True, parallel=True)
@@ -47,6 +47,29 @@ def iccg_batch(
             x, dx, history, dhistory, iterations, converged, failed,
         )  # fmt: skip
     return x, dx, history, dhistory, iterations, converged, failed
+
+
+@njit(cache=True, parallel=True)
+def ic0_batch(lower_ptr, lower_cols, lower_source, values, alpha, tangent):  # pragma: no cover
+    """IC(0) of every task's ``A + alpha diag(A)``: the lower factors' values ``(B, nnz_L)``,
+    their tangents (zeros without ``tangent``) and which tasks failed. A failed task's
+    factor is the identity, so that it can still be applied."""
+    batch = values.shape[0]
+    n = lower_ptr.shape[0] - 1
+    factor = np.zeros((batch, lower_cols.shape[0]))
+    dfactor = np.zeros((batch, lower_cols.shape[0]))
+    failed = np.zeros(batch, dtype=np.bool_)
+    for t in prange(batch):
+        position = np.full(n, -1, dtype=np.int64)
+        ok = _ic0(lower_ptr, lower_cols, lower_source, values[t], alpha[t], tangent,
+                  factor[t], dfactor[t], position)  # fmt: skip
+        if not ok:
+            failed[t] = True
+            for i in range(n):
+                for e in range(lower_ptr[i], lower_ptr[i + 1]):
+                    factor[t, e] = 1.0 if e == lower_ptr[i + 1] - 1 else 0.0
+                    dfactor[t, e] = 0.0
+    return factor, dfactor, failed
 
 
 @njit(cache=True)

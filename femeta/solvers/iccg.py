@@ -12,10 +12,13 @@ Two implementations, one answer:
   code on its sparse pattern (:class:`~femeta.solvers.sparse.SparseBatch`), the
   tasks in parallel over the CPU threads; memory is ``O(B nnz)``, so it serves
   every mesh size.
-- ``"torch"`` (any device and dtype, small systems): the batch moves in lockstep
-  through torch operations, and ``M = L L^T`` is applied through its explicit
+- ``"torch"`` (any device and dtype): the batch moves in lockstep through torch
+  operations. For dense input ``M = L L^T`` is applied through its explicit
   dense inverse, computed once per task, so a CG iteration is two batched
-  products and no triangular solve. Memory is ``O(B N^2)``.
+  products and no triangular solve (memory ``O(B N^2)``: small systems). For a
+  :class:`~femeta.solvers.sparse.SparseBatch` the compiled IC(0) factors are
+  applied by sparse triangular solves of the whole batch at once (MKL on the
+  CPU, cuSPARSE on CUDA); memory ``O(B nnz)``.
 
 The derivative with respect to ``alpha`` is exact. ``alpha`` is one scalar per
 task, so it is carried forward through the factorization and all CG iterations
@@ -30,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
@@ -103,9 +107,8 @@ def iccg(
             ``(B, N, N)``, symmetric and holding every nonzero of ``A``: e.g. what
             the sparse matrix stores, entries that cancelled to zero included, as
             PETSc's ICC keeps them. Default: the nonzeros of each matrix.
-        method: ``"compiled"`` (CPU, float64, any size), ``"torch"`` (any device
-            and dtype; dense, for small ``N``) or ``"auto"``: compiled where it
-            applies, else torch.
+        method: ``"compiled"`` (CPU, float64), ``"torch"`` (any device and dtype)
+            or ``"auto"``: compiled where it applies, else torch.
 
     Returns:
         An :class:`IccgResult` whose history is trimmed to the longest run.
@@ -122,11 +125,8 @@ def iccg(
             f"the compiled ICCG runs on the CPU in float64, not on {device} in {dtype}; "
             "use method='torch' there"
         )
-    if isinstance(A, SparseBatch):
-        if pattern is not None:
-            raise ValueError("a SparseBatch carries its pattern; pass pattern only with dense A")
-        if not compiled:
-            A, pattern = A.to_dense(), _stored(A)
+    if isinstance(A, SparseBatch) and pattern is not None:
+        raise ValueError("a SparseBatch carries its pattern; pass pattern only with dense A")
     A, b, alpha, x0 = _check_inputs(A, b, alpha, x0, device, dtype)
     if not isinstance(A, SparseBatch):
         pattern = _check_pattern(pattern, A)
@@ -137,13 +137,6 @@ def iccg(
     if differentiable:
         x, history = _AlphaJacobian.apply(alpha, x, history, dx, dhistory)
     return IccgResult(x, iterations, history, converged, failed)
-
-
-def _stored(A: SparseBatch) -> Tensor:
-    """The stored entries of ``A`` as a boolean ``(N, N)`` mask."""
-    mask = torch.zeros(A.shape[1:], dtype=torch.bool, device=A.device)
-    mask[A.rows(), A.indices] = True
-    return mask
 
 
 def _compiled(
@@ -329,7 +322,7 @@ class _AlphaJacobian(torch.autograd.Function):
 
 
 def _solve(
-    A: Tensor,
+    A: Tensor | SparseBatch,
     b: Tensor,
     alpha: Tensor,
     differentiable: bool,
@@ -344,9 +337,9 @@ def _solve(
     ``x`` and ``history`` (zeros without ``alpha_tangent``).
     """
     alpha_tangent = torch.ones_like(alpha) if differentiable else None
-    chunk = _CPU_CHUNK if A.device.type == "cpu" else A.shape[0]
+    chunk = _CPU_CHUNK if A.device.type == "cpu" else len(A)
     pieces = []
-    for start in range(0, A.shape[0], chunk):
+    for start in range(0, len(A), chunk):
         part = slice(start, start + chunk)
         with fwAD.dual_level():
             shift = alpha[part]
@@ -356,9 +349,15 @@ def _solve(
                     # (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11).
                     warnings.filterwarnings("ignore", "`torch.jit.script`")
                     shift = fwAD.make_dual(shift, alpha_tangent[part])
-            kept = None if pattern is None else pattern[part]
-            inverse, failed = _inverse_preconditioner(A[part], shift, kept)
-            pieces.append(_cg(A[part], b[part], inverse, failed, x0[part], tol, max_iterations))
+            if isinstance(A, SparseBatch):
+                preconditioner, failed = _SparseFactor.of(A[part], shift)
+            else:
+                kept = None if pattern is None else pattern[part]
+                inverse, failed = _inverse_preconditioner(A[part], shift, kept)
+                preconditioner = _DenseInverse(inverse)
+            pieces.append(
+                _cg(A[part], b[part], preconditioner, failed, x0[part], tol, max_iterations)
+            )
     longest = max(piece[1].shape[1] for piece in pieces)
     outputs = []
     for position in range(len(pieces[0])):
@@ -427,9 +426,9 @@ def _inverse_preconditioner(
 
 
 def _cg(
-    A: Tensor,
+    A: Tensor | SparseBatch,
     b: Tensor,
-    inverse: Tensor,
+    preconditioner: _DenseInverse | _SparseFactor,
     failed: Tensor,
     x0: Tensor,
     tol: float | None,
@@ -447,10 +446,10 @@ def _cg(
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
 
     scale = torch.linalg.vector_norm(b, dim=-1)
-    operator = _SharedPattern.from_dense(A)
+    operator = _SharedPattern(A) if isinstance(A, SparseBatch) else _SharedPattern.from_dense(A)
     r = b - operator(x0)
     error0 = torch.linalg.vector_norm(r, dim=-1) / scale
-    if fwAD.unpack_dual(inverse).tangent is not None:
+    if preconditioner.has_tangent:
         # Zero tangents up front: torch's rules for a dual tensor meeting a plain one are slow.
         x0, r, scale = (fwAD.make_dual(t, torch.zeros_like(t)) for t in (x0, r, scale))
     history[:, 0] = error0
@@ -463,9 +462,9 @@ def _cg(
 
     # The working set: instances still iterating plus those stopped since the last compaction.
     index = torch.nonzero(running)[:, 0]
-    A_k, M_k, scale_k = operator.select(index), inverse[index], scale[index]
+    A_k, M_k, scale_k = operator.select(index), preconditioner.select(index), scale[index]
     x, r = x0[index], r[index]
-    z = _matvec(M_k, r)
+    z = M_k(r)
     p = z
     rz = (r * z).sum(-1)
     live = torch.ones(index.shape[0], dtype=torch.bool, device=device)
@@ -499,11 +498,11 @@ def _cg(
             if int(live.sum()) <= (1 - _COMPACT_FRACTION) * live.numel():
                 keep = torch.nonzero(live)[:, 0]
                 index, live = index[keep], live[keep]
-                A_k, M_k, scale_k = A_k.select(keep), M_k[keep], scale_k[keep]
+                A_k, M_k, scale_k = A_k.select(keep), M_k.select(keep), scale_k[keep]
                 x, r, p, rz = x[keep], r[keep], p[keep], rz[keep]
             if not bool(live.any()):
                 break
-        z = _matvec(M_k, r)
+        z = M_k(r)
         rz_next = (r * z).sum(-1)
         beta = torch.where(rz > 0, rz_next / torch.where(rz > 0, rz, 1.0), 0.0)
         p = z + beta[:, None] * p
@@ -518,6 +517,106 @@ def _cg(
         x_tangent,
         history_tangent[:, :longest].contiguous(),
     )
+
+
+class _DenseInverse:
+    """``M^{-1} r`` through the explicit dense inverse (a dual tensor when differentiated)."""
+
+    def __init__(self, inverse: Tensor):
+        self.inverse = inverse
+
+    @property
+    def has_tangent(self) -> bool:
+        return fwAD.unpack_dual(self.inverse).tangent is not None
+
+    def select(self, index: Tensor) -> _DenseInverse:
+        return _DenseInverse(self.inverse[index])
+
+    def __call__(self, r: Tensor) -> Tensor:
+        return _matvec(self.inverse, r)
+
+
+class _SparseFactor:
+    """``M^{-1} r`` with ``M = L L^T`` by two sparse triangular solves per task, all tasks in
+    one solve with the batch's block-diagonal factor (MKL on the CPU, cuSPARSE on CUDA).
+
+    The factors come from the compiled IC(0) on the CPU (a failed task gets the identity);
+    their tangents ``dL`` give ``dz = L^{-T} (dy - dL^T z)`` with ``dy = L^{-1} (dr - dL y)``.
+    """
+
+    def __init__(
+        self, lower: SparseBatch, upper: SparseBatch, dlower: SparseBatch | None,
+        dupper: SparseBatch | None,
+    ):  # fmt: skip
+        self.lower, self.upper, self.dlower, self.dupper = lower, upper, dlower, dupper
+
+    @classmethod
+    def of(cls, A: SparseBatch, alpha: Tensor) -> tuple[_SparseFactor, Tensor]:
+        """The IC(0) factors of ``A + alpha diag(A)`` (``alpha`` may be dual), and the
+        failed tasks."""
+        from femeta.solvers._iccg_kernels import ic0_batch
+
+        alpha, alpha_tangent = fwAD.unpack_dual(alpha)
+        lower_ptr, lower_cols, lower_source = A.lower
+        factor, dfactor, failed = ic0_batch(
+            lower_ptr, lower_cols, lower_source, A.values.detach().cpu().numpy(),
+            alpha.detach().cpu().numpy(), alpha_tangent is not None,
+        )  # fmt: skip
+        rows = np.repeat(np.arange(A.shape[1]), np.diff(lower_ptr))
+        order = np.lexsort((rows, lower_cols))  # the upper factor L^T, row by row
+        upper_ptr = np.zeros_like(lower_ptr)
+        upper_ptr[1:] = np.cumsum(np.bincount(lower_cols, minlength=A.shape[1]))
+        device, dtype = A.device, A.dtype
+
+        def batch(ptr: np.ndarray, cols: np.ndarray, values: np.ndarray) -> SparseBatch:
+            return SparseBatch(
+                torch.from_numpy(ptr.astype(np.int64)).to(device),
+                torch.from_numpy(cols.astype(np.int64)).to(device),
+                torch.from_numpy(values).to(device=device, dtype=dtype),
+            )
+
+        tangents = (None, None)
+        if alpha_tangent is not None:
+            dfactor = dfactor * alpha_tangent.detach().cpu().numpy()[:, None]
+            tangents = (
+                batch(lower_ptr, lower_cols, dfactor),
+                batch(upper_ptr, rows[order], dfactor[:, order]),
+            )
+        factors = (
+            batch(lower_ptr, lower_cols, factor),
+            batch(upper_ptr, rows[order], factor[:, order]),
+        )
+        return cls(*factors, *tangents), torch.from_numpy(failed).to(device)
+
+    @property
+    def has_tangent(self) -> bool:
+        return self.dlower is not None
+
+    def select(self, index: Tensor) -> _SparseFactor:
+        index = index.to(self.lower.device)
+        parts = (self.lower, self.upper, self.dlower, self.dupper)
+        return _SparseFactor(*(None if part is None else part[index] for part in parts))
+
+    def __call__(self, r: Tensor) -> Tensor:
+        r, dr = fwAD.unpack_dual(r)
+        y = _triangular_solve(self.lower, r, upper=False)
+        z = _triangular_solve(self.upper, y, upper=True)
+        if self.dlower is None or self.dupper is None:
+            return z
+        dr = torch.zeros_like(r) if dr is None else dr
+        dy = _triangular_solve(self.lower, dr - self.dlower.matvec(y), upper=False)
+        dz = _triangular_solve(self.upper, dy - self.dupper.matvec(z), upper=True)
+        return fwAD.make_dual(z, dz)
+
+
+def _triangular_solve(factor: SparseBatch, r: Tensor, *, upper: bool) -> Tensor:
+    """``factor_t^{-1} r_t`` for every task, one sparse triangular solve for the batch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.triangular_solve is deprecated")
+        solution = torch.triangular_solve(
+            r.reshape(-1, 1), factor.block_diagonal, upper=upper
+        ).solution
+    return solution.reshape(r.shape)
 
 
 class _SharedPattern:

@@ -224,12 +224,12 @@ class SparseBatch:
         """``A_t x_t`` for every task; ``x`` is ``(B, N)``, or ``(B, N, k)`` for ``k`` vectors
         per task. Differentiable in ``x``."""
         if x.dim() == 2:  # a matrix-vector product, twice as fast as a one-column product
-            return torch.mv(self._block_diagonal, x.reshape(-1)).reshape(x.shape)
-        return (self._block_diagonal @ x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            return torch.mv(self.block_diagonal, x.reshape(-1)).reshape(x.shape)
+        return (self.block_diagonal @ x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     @cached_property
-    def _block_diagonal(self) -> Tensor:
-        """The batch as one block-diagonal CSR matrix, so a product is one sparse kernel."""
+    def block_diagonal(self) -> Tensor:
+        """The batch as one block-diagonal torch CSR matrix: one sparse kernel serves all."""
         batch, n = self.shape[:2]
         count = self.nnz
         offsets = torch.arange(batch, device=self.device)[:, None]
