@@ -120,16 +120,22 @@ def test_fixed_iteration_count():
     assert torch.equal(none.x, torch.zeros_like(b))
 
 
-def test_chunks_and_compaction_do_not_change_results(monkeypatch, method):
-    """Chunks of the torch implementation; the compiled one solves each task on its own."""
+def test_chunks_slots_and_compaction_do_not_change_results(monkeypatch, method):
+    """Chunks of the torch implementation; for the compiled one, 2 slots per thread, so
+    slots are refilled as tasks stop, and compacted once none are left."""
     A, b = random_spd(7, seed=3)
-    alpha = torch.logspace(-3, 1, 7, dtype=torch.float64)
+    alpha = torch.logspace(-3, 1, 7, dtype=torch.float64, requires_grad=True)
     whole = iccg(A, b, alpha, tol=1e-9, max_iterations=60)
+    (whole_grad,) = torch.autograd.grad(whole.history.sum() + whole.x.sum(), alpha)
     monkeypatch.setattr(iccg_module, "_CPU_CHUNK", 2)
+    monkeypatch.setattr(iccg_module, "_SLOTS", 2)
     split = iccg(A, b, alpha, tol=1e-9, max_iterations=60)
+    (split_grad,) = torch.autograd.grad(split.history.sum() + split.x.sum(), alpha)
+    assert len(set(whole.iterations.tolist())) > 3  # the tasks stop at different iterations
     assert torch.equal(whole.iterations, split.iterations)
     torch.testing.assert_close(whole.history, split.history, rtol=1e-10, atol=1e-15)
     torch.testing.assert_close(whole.x, split.x, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(whole_grad, split_grad, rtol=1e-9, atol=1e-12)
 
 
 def test_failed_factorization_is_masked():

@@ -110,6 +110,7 @@ def _queue(
     position = np.full(n, -1, dtype=np.int64)
     following = 0
     active = 0
+    used = S  # slots [0, used) hold the running tasks once the queue is empty
     for s in range(S):  # an idle slot: identity factor, zero matrix, zero vectors
         for i in range(n):
             factor[lower_ptr[i + 1] - 1, s] = 1.0
@@ -162,19 +163,19 @@ def _queue(
                         drs[i, s] = 0.0
         if active == 0:
             break
-        _precondition(lower_ptr, lower_cols, factor, rs, ys, zs)
+        _precondition(lower_ptr, lower_cols, factor, rs, ys, zs, used)
         if tangent:
-            _precondition_tangent(lower_ptr, lower_cols, factor, dfactor, ys, zs, drs, dzs)
+            _precondition_tangent(lower_ptr, lower_cols, factor, dfactor, ys, zs, drs, dzs, used)
         rz_next[:] = 0.0
         drz_next[:] = 0.0
         for i in range(n):
-            for s in range(S):
+            for s in range(used):
                 rz_next[s] += rs[i, s] * zs[i, s]
         if tangent:
             for i in range(n):
-                for s in range(S):
+                for s in range(used):
                     drz_next[s] += drs[i, s] * zs[i, s] + rs[i, s] * dzs[i, s]
-        for s in range(S):  # a fresh slot starts with p = z
+        for s in range(used):  # a fresh slot starts with p = z
             usable = rz[s] > 0 and not fresh[s]
             beta[s] = rz_next[s] / rz[s] if usable else 0.0
             dbeta[s] = (drz_next[s] - beta[s] * drz[s]) / rz[s] if usable else 0.0
@@ -183,40 +184,40 @@ def _queue(
             drz[s] = drz_next[s]
         if tangent:
             for i in range(n):
-                for s in range(S):
+                for s in range(used):
                     dps[i, s] = dzs[i, s] + dbeta[s] * ps[i, s] + beta[s] * dps[i, s]
         for i in range(n):
-            for s in range(S):
+            for s in range(used):
                 ps[i, s] = zs[i, s] + beta[s] * ps[i, s]
-        _block_matvec(indptr, indices, matrix, ps, qs)
+        _block_matvec(indptr, indices, matrix, ps, qs, used)
         pq[:] = 0.0
         for i in range(n):
-            for s in range(S):
+            for s in range(used):
                 pq[s] += ps[i, s] * qs[i, s]
-        for s in range(S):
+        for s in range(used):
             step[s] = rz[s] / pq[s] if pq[s] > 0 and task_of[s] >= 0 else 0.0
         if tangent:
-            _block_matvec(indptr, indices, matrix, dps, dqs)
+            _block_matvec(indptr, indices, matrix, dps, dqs, used)
             dpq[:] = 0.0
             for i in range(n):
-                for s in range(S):
+                for s in range(used):
                     dpq[s] += dps[i, s] * qs[i, s] + ps[i, s] * dqs[i, s]
-            for s in range(S):
+            for s in range(used):
                 dstep[s] = (drz[s] - step[s] * dpq[s]) / pq[s] if step[s] != 0 else 0.0
         norm[:] = 0.0
         for i in range(n):
-            for s in range(S):
+            for s in range(used):
                 xs[i, s] += step[s] * ps[i, s]
                 rs[i, s] -= step[s] * qs[i, s]
                 norm[s] += rs[i, s] * rs[i, s]
         if tangent:
             rdr[:] = 0.0
             for i in range(n):
-                for s in range(S):
+                for s in range(used):
                     dxs[i, s] += dstep[s] * ps[i, s] + step[s] * dps[i, s]
                     drs[i, s] -= dstep[s] * qs[i, s] + step[s] * dqs[i, s]
                     rdr[s] += rs[i, s] * drs[i, s]
-        for s in range(S):
+        for s in range(used):
             t = task_of[s]
             if t < 0:
                 continue
@@ -239,6 +240,20 @@ def _queue(
                         dx[t, i] = dxs[i, s]
                 task_of[s] = -1
                 active -= 1
+        if following == tasks.shape[0]:
+            # No task is left to take: move the running tasks to the first slots, so
+            # that the loops above run over them alone.
+            s = 0
+            while s < used:
+                if task_of[s] >= 0:
+                    s += 1
+                    continue
+                used -= 1
+                if used > s:
+                    _move_slot(
+                        used, s, task_of, fresh, rz, drz, scale, count, matrix, factor,
+                        dfactor, xs, rs, ys, zs, ps, qs, dxs, drs, dzs, dps, dqs,
+                    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -302,9 +317,21 @@ def _matvec(indptr, indices, values, vector, out):
 
 
 @njit(cache=True)
-def _block_matvec(indptr, indices, matrix, vectors, out):
-    """``out[:, s] = A_s vectors[:, s]`` for every slot ``s``."""
-    n, slots = vectors.shape
+def _move_slot(source, target, task_of, fresh, rz, drz, scale, count, *columns):
+    """Move slot ``source``'s task, scalars and columns to slot ``target``."""
+    task_of[target], fresh[target] = task_of[source], fresh[source]
+    rz[target], drz[target] = rz[source], drz[source]
+    scale[target], count[target] = scale[source], count[source]
+    task_of[source] = -1
+    for array in columns:
+        for row in range(array.shape[0]):
+            array[row, target] = array[row, source]
+
+
+@njit(cache=True)
+def _block_matvec(indptr, indices, matrix, vectors, out, slots):
+    """``out[:, s] = A_s vectors[:, s]`` for the first ``slots`` slots."""
+    n = vectors.shape[0]
     total = np.empty(slots)
     for i in range(n):
         total[:] = 0.0
@@ -317,20 +344,24 @@ def _block_matvec(indptr, indices, matrix, vectors, out):
 
 
 @njit(cache=True)
-def _precondition(lower_ptr, lower_cols, factor, r, y, z):
-    """``z = (L L^T)^{-1} r`` per slot: ``L y = r`` forward, then ``L^T z = y`` backward."""
-    n, slots = r.shape
+def _precondition(lower_ptr, lower_cols, factor, r, y, z, slots):
+    """``z = (L L^T)^{-1} r`` for the first ``slots`` slots: ``L y = r`` forward, then
+    ``L^T z = y`` backward."""
+    n = r.shape[0]
     total = np.empty(slots)
     for i in range(n):
         d = lower_ptr[i + 1] - 1
-        total[:] = r[i]
+        for s in range(slots):
+            total[s] = r[i, s]
         for e in range(lower_ptr[i], d):
             j = lower_cols[e]
             for s in range(slots):
                 total[s] -= factor[e, s] * y[j, s]
         for s in range(slots):
             y[i, s] = total[s] / factor[d, s]
-    z[:] = y
+    for i in range(n):
+        for s in range(slots):
+            z[i, s] = y[i, s]
     for i in range(n - 1, -1, -1):
         d = lower_ptr[i + 1] - 1
         for s in range(slots):
@@ -342,10 +373,10 @@ def _precondition(lower_ptr, lower_cols, factor, r, y, z):
 
 
 @njit(cache=True)
-def _precondition_tangent(lower_ptr, lower_cols, factor, dfactor, y, z, dr, dz):
+def _precondition_tangent(lower_ptr, lower_cols, factor, dfactor, y, z, dr, dz, slots):
     """The tangent of :func:`_precondition`, given its ``y`` and ``z``:
     ``dy = L^{-1} (dr - dL y)``, then ``dz = L^{-T} (dy - dL^T z)``."""
-    n, slots = z.shape
+    n = z.shape[0]
     total = np.empty(slots)
     for i in range(n):
         d = lower_ptr[i + 1] - 1
