@@ -88,10 +88,16 @@ def test_reproduce_table3_runs_end_to_end(tmp_path, invoke):
     )
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
-    assert len(table["rows"]) == 20 and table["epochs"] == 1
+    assert len(table["rows"]) == 20 and table["epochs"] == {"recommended": 1}
+    assert {row["setup"] for row in table["rows"]} == {None, "recommended"}
     base = next(r for r in table["rows"] if r["label"] == "base" and r["p"] == 0.0)
     assert base["paper"][2] == 158.41 and abs(base["mean"][2] - 158.41) < 5
     assert {"results.json", "figure1.png", "figure2.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_reproduce_table3_takes_one_set_up_flag(invoke):
+    result = invoke("reproduce", "table3", "--paper", "--both")
+    assert result.exit_code == 2 and "give --paper or --both, not both" in result.output
 
 
 def test_info_lists_the_stack(invoke):
