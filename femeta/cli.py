@@ -114,11 +114,15 @@ def per_problem(value: Callable[[type[Experiment]], str]) -> str:
 
 
 def paper_settings(experiment: type[Experiment]) -> str:
-    """``smooth 0, engine torch``: an experiment's :attr:`paper_options`, for help."""
-    return ", ".join(
+    """``smooth 0, engine torch``: an experiment's :attr:`paper_options`, for help
+    (and the paper's optimiser and network where a better set-up is known)."""
+    settings = ", ".join(
         f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
         for name, value in experiment.paper_options.items()
     )
+    if experiment.recommended_train is not None:
+        settings += ", the paper's optimiser, schedule and network"
+    return settings
 
 
 def engines_help() -> str:
@@ -164,7 +168,8 @@ def train_command(
     epochs: Annotated[
         int | None,
         typer.Option(
-            help=f"Training epochs. [default: {per_problem(lambda e: e.train_defaults.epochs)}]"
+            help="Training epochs. "
+            f"[default: {per_problem(lambda e: e.train_set_up(False).epochs)}]"
         ),
     ] = None,
     seed: Annotated[
@@ -176,14 +181,15 @@ def train_command(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help=f"Tasks per step. [default: {per_problem(lambda e: e.train_defaults.batch_size)}]"
+            help="Tasks per step. "
+            f"[default: {per_problem(lambda e: e.train_set_up(False).batch_size)}]"
         ),
     ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
             help="Adam learning rate. "
-            f"[default: {per_problem(lambda e: f'{e.train_defaults.lr:g}')}]"
+            f"[default: {per_problem(lambda e: f'{e.train_set_up(False).lr:g}')}]"
         ),
     ] = None,
     engine: Annotated[
@@ -283,7 +289,9 @@ def run_training(
 ) -> tuple[Path, TrainResult]:  # fmt: skip
     """Train a new run (``options``) into ``out``, or continue the run in ``resume``."""
     if options is not None:
-        schedule = get_experiment(problem).train_config(options.epochs, None, None, 0)
+        schedule = get_experiment(problem).train_config(
+            options.epochs, None, None, 0, paper=options.paper
+        )
         set_total(schedule.epochs)
         _, _, result = train_metasolver(options, out, on_epoch, checkpoint_seconds, monitor, device)
         return out, result
@@ -617,6 +625,18 @@ def table3_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="A reduced budget (minutes, not an hour).")
     ] = False,
+    paper: Annotated[
+        bool,
+        typer.Option(
+            "--paper",
+            help="Train with the paper's literal set-up (2500 epochs; --quick 150) instead of "
+            "femeta's default for poisson1d (700 epochs; --quick 50).",
+        ),
+    ] = False,
+    both: Annotated[
+        bool,
+        typer.Option("--both", help="Train with both set-ups and show them side by side."),
+    ] = False,
     epochs: RunEpochs = None,
     jobs: Jobs = 2,
     seed: TableSeed = 0,
@@ -625,14 +645,26 @@ def table3_command(
     ] = None,
     as_json: TableJson = False,
 ) -> None:
-    """Table 3 / Figures 1-2: Jacobi initial guesses on 1D Poisson, L_m against L~_eps."""
+    """Table 3 / Figures 1-2: Jacobi initial guesses on 1D Poisson, L_m against L~_eps.
+
+    By default every network trains with femeta's default set-up for poisson1d;
+    --paper trains with the paper's, --both with each. The figures show the
+    default set-up's runs when they were made.
+    """
     from femeta import reproduce
 
     check_jobs(jobs)
-    budget = reproduce.epochs_budget("table3", quick, epochs)
+    if paper and both:
+        raise UsageError("give --paper or --both, not both")
+    setups = reproduce.SETUPS if both else ("paper",) if paper else ("recommended",)
+    budget = {
+        setup: reproduce.epochs_budget("table3" if setup == "recommended" else "table3-paper",
+                                       quick, epochs)
+        for setup in setups
+    }  # fmt: skip
     progress = table_progress(as_json)
     with progress:
-        bar = progress.add_task("table 3", total=len(reproduce.table3_grid()))
+        bar = progress.add_task("table 3", total=len(reproduce.table3_grid(setups)))
         results = reproduce.run_table3(budget, seed, jobs, lambda: progress.advance(bar))
     if out is not None:
         reproduce.save_table3(results, Path(out))

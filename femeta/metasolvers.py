@@ -6,6 +6,7 @@ features ``(B, F)`` and returns the parameter for each task.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -21,9 +22,13 @@ __all__ = [
     "NewtonSorNet",
     "PetscDefaultShift",
     "PreviousStep",
+    "ScaledMLP",
     "ShiftGrid",
     "ShiftNet",
     "ZeroGuess",
+    "fold_scaling",
+    "pca_whitening",
+    "zero_output_layer",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -59,6 +64,97 @@ class MLP(nn.Module):
         return self.layers(features)
 
 
+class ScaledMLP(nn.Module):
+    """An MLP trained in rescaled coordinates: ``x -> output_scale * network(x @ input_map.T)``.
+
+    Adam takes steps of about the same size in every weight, so a network whose
+    inputs and outputs span orders of magnitude learns the large ones and barely
+    moves the small ones. Training it between a fixed input map (e.g.
+    :func:`pca_whitening` of the training features) and a fixed output scale
+    evens that out. Both are linear, so :meth:`fold` writes the same function
+    into a plain :class:`MLP` (first weights ``W1 @ input_map``, last weights and
+    bias times ``output_scale``): what is saved is the plain network.
+    """
+
+    def __init__(
+        self, network: MLP, input_map: Tensor | None = None, output_scale: Tensor | None = None
+    ):
+        super().__init__()
+        first, last = network.layers[0], network.layers[-1]
+        if input_map is not None and (
+            input_map.dim() != 2 or input_map.shape[0] != first.in_features
+        ):
+            raise ValueError(
+                f"input_map must have shape ({first.in_features}, inputs), "
+                f"got {tuple(input_map.shape)}"
+            )
+        if output_scale is not None and output_scale.shape != (last.out_features,):
+            raise ValueError(
+                f"output_scale must have shape ({last.out_features},), "
+                f"got {tuple(output_scale.shape)}"
+            )
+        self.network = network
+        dtype = first.weight.dtype
+        self.register_buffer("input_map", None if input_map is None else input_map.to(dtype))
+        self.register_buffer(
+            "output_scale", None if output_scale is None else output_scale.to(dtype)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.input_map is not None:
+            features = features @ self.input_map.T
+        out = self.network(features)
+        return out if self.output_scale is None else self.output_scale * out
+
+    @torch.no_grad()
+    def fold(self) -> MLP:
+        """A plain :class:`MLP` (a copy) that computes the same function."""
+        network = copy.deepcopy(self.network)
+        first, last = network.layers[0], network.layers[-1]
+        if self.input_map is not None:
+            first.weight.copy_(first.weight @ self.input_map)
+            first.in_features = self.input_map.shape[1]
+        if self.output_scale is not None:
+            last.weight.mul_(self.output_scale[:, None])
+            last.bias.mul_(self.output_scale)
+        return network
+
+
+def fold_scaling(module: nn.Module) -> nn.Module:
+    """``module`` with every :class:`ScaledMLP` inside replaced by its fold (in place)."""
+    if isinstance(module, ScaledMLP):
+        return module.fold()
+    for name, child in list(module.named_children()):
+        folded = fold_scaling(child)
+        if folded is not child:
+            setattr(module, name, folded)
+    return module
+
+
+def pca_whitening(features: Tensor, floor: float = 1e-8) -> Tensor:
+    """``T = diag(w)^-1/2 U^T`` from ``eigh(X^T X / n)`` of the features ``X`` ``(n, F)``.
+
+    ``T x`` has the identity as second moment over the given features. The
+    moment is not centred, so the map is linear (foldable into a layer's
+    weights without touching its bias). Eigenvalues below ``floor`` times the
+    largest are raised to it, so a direction the data do not span stays bounded.
+    """
+    if features.dim() != 2 or features.shape[0] < 1:
+        shape = tuple(features.shape)
+        raise ValueError(f"features must have shape (n, F) with n >= 1, got {shape}")
+    eigenvalues, vectors = torch.linalg.eigh(features.T @ features / features.shape[0])
+    eigenvalues = eigenvalues.clamp_min(floor * eigenvalues.max())
+    return vectors.T / eigenvalues.sqrt()[:, None]
+
+
+@torch.no_grad()
+def zero_output_layer(network: MLP) -> MLP:
+    """Zero the last layer's weights and bias, so the network starts at the output 0."""
+    network.layers[-1].weight.zero_()
+    network.layers[-1].bias.zero_()
+    return network
+
+
 class ZeroGuess(nn.Module):
     """Psi_base of §2.2.1: the constant initial guess 0 for every task."""
 
@@ -84,7 +180,7 @@ class EigenbasisGuess(nn.Module):
         super().__init__()
         n = basis.shape[0]
         self.register_buffer("basis", basis.to(torch.float64))
-        self.network = MLP(n, hidden, basis.shape[1], activation)
+        self.network: nn.Module = MLP(n, hidden, basis.shape[1], activation)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.network(features) @ self.basis.T

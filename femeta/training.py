@@ -29,24 +29,33 @@ class TrainConfig:
 
     ``schedule="plateau"`` divides the learning rate by ``1 / factor`` after
     ``patience`` epochs without a new best validation loss (Appendix C.1);
-    ``schedule="steps"`` does so at each epoch in ``milestones`` (C.2, C.3).
+    ``schedule="steps"`` does so at each epoch in ``milestones`` (C.2, C.3);
+    ``schedule="cosine"`` lowers it after every optimiser step along half a
+    cosine, from ``lr`` to 0 at the last step.
     ``select`` says which epoch's weights are kept: the lowest validation loss
     (the paper), or the fewest mean validation iterations (needs a monitor).
+
+    ``ema`` (a decay per step in (0, 1), or ``None``) keeps an exponential moving
+    average of the weights; it is the average that is validated and selected.
+    The validation (and the monitor) runs every ``validate_every`` epochs and
+    after the last one; an epoch without it records a NaN validation loss.
     """
 
     epochs: int = 2500
     batch_size: int = 256
     lr: float = 0.01
     betas: tuple[float, float] = (0.999, 0.999)
-    schedule: Literal["plateau", "steps"] = "plateau"
+    schedule: Literal["plateau", "steps", "cosine"] = "plateau"
     factor: float = 0.2
     patience: int = 100
     milestones: tuple[int, ...] = ()
     seed: int = 0
     select: Literal["loss", "iterations"] = "loss"
+    ema: float | None = None
+    validate_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "validate_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -54,8 +63,16 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not 0 < self.factor < 1:
             raise ValueError(f"factor must lie in (0, 1), got {self.factor!r}")
-        if self.schedule not in ("plateau", "steps"):
-            raise ValueError(f"schedule must be 'plateau' or 'steps', got {self.schedule!r}")
+        if self.schedule not in ("plateau", "steps", "cosine"):
+            raise ValueError(
+                f"schedule must be 'plateau', 'steps' or 'cosine', got {self.schedule!r}"
+            )
+        if self.schedule == "plateau" and self.validate_every != 1:
+            raise ValueError(
+                "the plateau schedule needs a validation every epoch (validate_every=1)"
+            )
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must lie in (0, 1) or be None, got {self.ema!r}")
         if self.select not in ("loss", "iterations"):
             raise ValueError(f"select must be 'loss' or 'iterations', got {self.select!r}")
 
@@ -107,7 +124,8 @@ def train(
     A step whose loss or gradient is NaN or infinite, or whose gradient's square
     overflows, is skipped (and counted), so one broken solve cannot poison the
     weights or Adam's state (see :func:`_safe_gradient`). The weights of the best epoch
-    (``config.select``) are kept in the result; ``metasolver`` is left holding them.
+    (``config.select``; with ``config.ema``, their moving average) are kept in the
+    result; ``metasolver`` is left holding them.
 
     ``checkpoint`` receives the whole training state (weights, optimiser,
     schedule, random states, history) after an epoch, at most every
@@ -127,11 +145,17 @@ def train(
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=config.factor, patience=config.patience
         )
-    else:
+    elif config.schedule == "steps":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(config.milestones), gamma=config.factor
         )
-    best = TrainResult(copy.deepcopy(metasolver.state_dict()), 0, math.inf)
+    else:
+        steps = config.epochs * math.ceil(len(train_tasks) / config.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    # The module that is validated and kept: the weights, or their moving average.
+    average = copy.deepcopy(metasolver) if config.ema is not None else None
+    validated = metasolver if average is None else average
+    best = TrainResult(copy.deepcopy(validated.state_dict()), 0, math.inf)
     first_epoch = 1
     if resume is not None:
         metasolver.load_state_dict(resume["model"])
@@ -146,6 +170,8 @@ def train(
             [EpochRecord(**record) for record in resume["history"]],
         )
         first_epoch = resume["epoch"] + 1
+        if average is not None:
+            average.load_state_dict(resume["average"])
     best_score = math.inf
     if best.best_epoch > 0:
         best_score = _score(best.history[best.best_epoch - 1], config)
@@ -170,14 +196,22 @@ def train(
                 skipped += 1
                 continue
             optimizer.step()
+            if config.schedule == "cosine":
+                scheduler.step()
+            if average is not None:
+                _update_average(average, metasolver, config.ema)
             total += loss.item() * len(batch)
             count += len(batch)
-        validation_loss = evaluate_objective(
-            metasolver, objective, validation_tasks, config.batch_size
-        )
+        validate = epoch % config.validate_every == 0 or epoch == config.epochs
+        validation_loss, iterations = math.nan, None
+        if validate:
+            validation_loss = evaluate_objective(
+                validated, objective, validation_tasks, config.batch_size
+            )
+            iterations = _monitored(monitor, validated)
         if config.schedule == "plateau":
             scheduler.step(validation_loss)
-        else:
+        elif config.schedule == "steps":
             scheduler.step()
         record = EpochRecord(
             epoch=epoch,
@@ -185,12 +219,12 @@ def train(
             validation_loss=validation_loss,
             lr=optimizer.param_groups[0]["lr"],
             skipped_steps=skipped,
-            validation_iterations=_monitored(monitor, metasolver),
+            validation_iterations=iterations,
         )
         best.history.append(record)
         if _score(record, config) < best_score:
             best_score = _score(record, config)
-            best.best_state = copy.deepcopy(metasolver.state_dict())
+            best.best_state = copy.deepcopy(validated.state_dict())
             best.best_epoch, best.best_validation_loss = epoch, validation_loss
         if on_epoch is not None:
             on_epoch(record)
@@ -211,11 +245,19 @@ def train(
                     "best_validation_loss": best.best_validation_loss,
                     "history": best.history_dicts(),
                 }
+                | ({} if average is None else {"average": average.state_dict()})
             )
             last_checkpoint = now
     metasolver.load_state_dict(best.best_state)
     metasolver.eval()
     return best
+
+
+@torch.no_grad()
+def _update_average(average: nn.Module, metasolver: nn.Module, decay: float) -> None:
+    """One step of the exponential moving average of the weights."""
+    for averaged, current in zip(average.parameters(), metasolver.parameters(), strict=True):
+        averaged.mul_(decay).add_(current, alpha=1 - decay)
 
 
 def _gather(tasks: TaskSet, index: Tensor, storage: dict[str, Tensor]) -> TaskSet:

@@ -15,6 +15,7 @@ from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
 from femeta.experiments import DEFAULT_PROBLEM, EXPERIMENTS, Experiment, get_experiment
 from femeta.experiments.base import TORCH, owners, resolve_device
+from femeta.metasolvers import fold_scaling
 from femeta.model import FORMAT_VERSION
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainResult, train
@@ -309,7 +310,12 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError) as err:
         raise RunError(f"{path} is not a readable femeta checkpoint (no {err})") from err
     metasolver = experiment.metasolver("nn")
+    if experiment.recommended_train is not None and not options.paper:
+        # The recommended set-up's checkpoint holds the network as it trains.
+        train_tasks = experiment.tasks("train", options.seed)
+        metasolver = experiment.training_metasolver(train_tasks, options.paper)
     restore(metasolver, state, path)
+    metasolver = fold_scaling(metasolver)
     metasolver.eval()
     return experiment, metasolver, progress
 
@@ -348,7 +354,9 @@ def _train(
     if resume is None:  # a checkpoint holds resolved options
         options = resolve_options(options, device)
     experiment = build_experiment(options, device)
-    config = experiment.train_config(options.epochs, options.batch_size, options.lr, options.seed)
+    config = experiment.train_config(
+        options.epochs, options.batch_size, options.lr, options.seed, paper=options.paper
+    )
     config = replace(config, select=options.select)
     options = replace(
         options,
@@ -372,7 +380,7 @@ def _train(
         workers=options.workers, **objective_options,
     )  # fmt: skip
     torch.manual_seed(options.seed)
-    metasolver = experiment.metasolver("nn", train_tasks)
+    metasolver = experiment.training_metasolver(train_tasks, options.paper)
     monitor = None
     if monitor_iterations:
         cap = monitor_cap(experiment.evaluation_cap, options)
@@ -405,6 +413,9 @@ def _train(
         resume,
         monitor,
     )
+    # What is saved and returned is the plain network: fold any training-time scaling into it.
+    metasolver = fold_scaling(metasolver)
+    result.best_state = metasolver.state_dict()
     if out is not None:
         save_run(
             Path(out),

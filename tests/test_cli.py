@@ -61,7 +61,8 @@ def test_progress_bar_renders(tmp_path, monkeypatch, capsys, invoke):
 
 
 def test_train_can_keep_the_epoch_with_the_fewest_validation_iterations(tmp_path, invoke):
-    result = invoke("train", "poisson1d", "--loss", "m", "--m", "2", "--epochs", "3",
+    # The paper's set-up validates every epoch (the default one every 5 and the last).
+    result = invoke("train", "poisson1d", "--paper", "--loss", "m", "--m", "2", "--epochs", "3",
                     "--select", "iterations", "--out", tmp_path / "run")  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -88,10 +89,16 @@ def test_reproduce_table3_runs_end_to_end(tmp_path, invoke):
     )
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
-    assert len(table["rows"]) == 20 and table["epochs"] == 1
+    assert len(table["rows"]) == 20 and table["epochs"] == {"recommended": 1}
+    assert {row["setup"] for row in table["rows"]} == {None, "recommended"}
     base = next(r for r in table["rows"] if r["label"] == "base" and r["p"] == 0.0)
     assert base["paper"][2] == 158.41 and abs(base["mean"][2] - 158.41) < 5
     assert {"results.json", "figure1.png", "figure2.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_reproduce_table3_takes_one_set_up_flag(invoke):
+    result = invoke("reproduce", "table3", "--paper", "--both")
+    assert result.exit_code == 2 and "give --paper or --both, not both" in result.output
 
 
 def test_info_lists_the_stack(invoke):
@@ -274,7 +281,9 @@ def test_evaluate_a_checkpoint_gives_its_best_weights_so_far(tmp_path, invoke):
         if record.epoch == 3:
             raise KeyboardInterrupt
 
-    options = TrainOptions(loss="m", m=2, epochs=4, p=0.01)
+    # The paper's set-up: a plain network validated every epoch (the default set-up's
+    # checkpoints: tests/test_workflow.py).
+    options = TrainOptions(loss="m", m=2, epochs=4, p=0.01, paper=True)
     with pytest.raises(KeyboardInterrupt):
         train_metasolver(options, tmp_path / "run", stop_in_the_third_epoch, checkpoint_seconds=0)
     checkpoint = tmp_path / "run" / "checkpoint.pt"

@@ -14,7 +14,15 @@ from femeta._fenics import has_dolfinx
 from femeta.evaluation import IterationStats
 from femeta.experiments import ElasticityIccg, Poisson1DJacobi, get_experiment
 from femeta.losses import iteration_surrogate
-from femeta.metasolvers import ConstantShift, PreviousStep, ShiftGrid, ShiftNet
+from femeta.metasolvers import (
+    MLP,
+    ConstantShift,
+    PreviousStep,
+    ScaledMLP,
+    ShiftGrid,
+    ShiftNet,
+    fold_scaling,
+)
 from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.iccg import iccg
 from femeta.solvers.petsc import petsc_iccg
@@ -209,6 +217,43 @@ def test_paper_training_defaults():
     assert ElasticityIccg().train_config(2, None, None, seed=0).milestones == (1,)
     poisson = Poisson1DJacobi().train_config(None, None, None, seed=0)
     assert (poisson.epochs, poisson.batch_size, poisson.schedule) == (2500, 256, "plateau")
+    assert (poisson.lr, poisson.betas, poisson.ema) == (0.01, (0.999, 0.999), None)
+
+
+def test_poisson_trains_with_its_recommended_set_up_unless_told_the_papers():
+    config = Poisson1DJacobi().train_config(None, None, None, seed=0, paper=False)
+    assert (config.epochs, config.batch_size, config.lr) == (700, 256, 3e-3)
+    assert (config.schedule, config.betas) == ("cosine", (0.9, 0.999))
+    assert (config.ema, config.validate_every) == (0.99, 5)
+    assert Poisson1DJacobi().train_config(9, None, None, seed=0, paper=False).epochs == 9
+    # Experiments without a recommended set-up train with the paper's either way.
+    beams = ElasticityIccg()
+    assert beams.train_config(None, None, None, 0, paper=False) == beams.train_config(
+        None, None, None, 0, paper=True
+    )
+
+
+def test_poisson_recommended_network_starts_at_the_zero_guess_and_folds_to_the_papers():
+    experiment = Poisson1DJacobi(p=0.01)
+    train_tasks = experiment.tasks("train", 0).subset(slice(0, 200))
+    features = train_tasks["f"][:10]
+    paper = experiment.training_metasolver(train_tasks, paper=True)
+    assert type(paper.network) is MLP and paper(features).abs().max() > 0
+    recommended = experiment.training_metasolver(train_tasks, paper=False)
+    assert isinstance(recommended.network, ScaledMLP)
+    assert torch.equal(recommended(features), torch.zeros_like(features))
+    # The output scale is each eigen-coefficient's spread over the training solutions
+    # (the sine eigenvectors are orthogonal, each of squared norm (N + 1) / 2).
+    basis = experiment.problem.eigenvectors
+    coefficients = train_tasks["solution"] @ basis / (basis.shape[0] + 1) * 2
+    torch.testing.assert_close(recommended.network.output_scale, coefficients.std(dim=0))
+    with torch.no_grad():
+        for parameter in recommended.parameters():
+            parameter.normal_(0, 0.1)
+    expected = recommended(features)
+    plain = experiment.metasolver("nn")
+    plain.load_state_dict(fold_scaling(recommended).state_dict())
+    torch.testing.assert_close(plain(features), expected, rtol=1e-10, atol=1e-12)
 
 
 @needs_dolfinx

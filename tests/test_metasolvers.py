@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from femeta.metasolvers import MLP, EigenbasisGuess, NewtonSorNet, PreviousStep, ZeroGuess
+from femeta.metasolvers import (
+    MLP,
+    EigenbasisGuess,
+    NewtonSorNet,
+    PreviousStep,
+    ScaledMLP,
+    ZeroGuess,
+    fold_scaling,
+    pca_whitening,
+    zero_output_layer,
+)
 from femeta.problems.poisson1d import Poisson1D
 
 
@@ -66,3 +76,70 @@ def test_newton_sor_heads_predict_what_they_name():
         NewtonSorNet("both", 1.2, guess_init="ones")
     with pytest.raises(ValueError, match=r"\(0, 2\]"):
         PreviousStep(2.5)
+
+
+def random_mlp(seed, hidden=(5, 4)):
+    torch.manual_seed(seed)
+    network = MLP(6, hidden, 3)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_()
+    return network
+
+
+def test_folding_the_scaling_gives_the_same_function():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    input_map = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    output_scale = torch.rand(3, generator=generator, dtype=torch.float64) * 100
+    scaled = ScaledMLP(random_mlp(0), input_map, output_scale)
+    folded = scaled.fold()
+    assert type(folded) is MLP
+    torch.testing.assert_close(folded(features), scaled(features), rtol=1e-12, atol=1e-10)
+    # ... and the function is not the unscaled network's (the test can fail).
+    assert not torch.allclose(scaled.network(features), scaled(features))
+    # Folding copies: training the scaled network on does not change the fold.
+    before = folded(features)
+    with torch.no_grad():
+        scaled.network.layers[0].weight.add_(1.0)
+    torch.testing.assert_close(folded(features), before)
+
+
+def test_fold_scaling_leaves_a_plain_metasolver_that_loads_its_saved_weights():
+    basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    guess = EigenbasisGuess(basis, hidden=(5, 4))
+    guess.network = ScaledMLP(
+        guess.network, pca_whitening(torch.randn(50, 6, dtype=torch.float64)),
+        torch.linspace(0.1, 10, 6, dtype=torch.float64),
+    )  # fmt: skip
+    features = torch.randn(7, 6, dtype=torch.float64)
+    expected = guess(features)
+    folded = fold_scaling(guess)
+    assert folded is guess and not any(isinstance(m, ScaledMLP) for m in guess.modules())
+    plain = EigenbasisGuess(basis, hidden=(5, 4))
+    plain.load_state_dict(folded.state_dict())
+    torch.testing.assert_close(plain(features), expected, rtol=1e-12, atol=1e-10)
+
+
+def test_pca_whitening_gives_the_identity_second_moment():
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-2, 1, 5, dtype=torch.float64)
+    features = torch.randn(400, 5, generator=generator, dtype=torch.float64) * scales
+    whitening = pca_whitening(features)
+    white = features @ whitening.T
+    torch.testing.assert_close(white.T @ white / 400, torch.eye(5, dtype=torch.float64))
+    # A direction the data do not span stays bounded (floored eigenvalue).
+    flat = torch.cat([features[:, :4], torch.zeros(400, 1, dtype=torch.float64)], dim=1)
+    assert torch.isfinite(pca_whitening(flat)).all()
+    with pytest.raises(ValueError, match="features must have shape"):
+        pca_whitening(torch.ones(3))
+
+
+def test_scaled_mlp_checks_shapes_and_zero_output_layer_starts_at_zero():
+    network = zero_output_layer(random_mlp(0))
+    assert torch.equal(network(torch.ones(2, 6, dtype=torch.float64)), torch.zeros(2, 3,
+                       dtype=torch.float64))  # fmt: skip
+    with pytest.raises(ValueError, match="input_map must have shape"):
+        ScaledMLP(network, torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="output_scale must have shape"):
+        ScaledMLP(network, None, torch.ones(4, dtype=torch.float64))

@@ -140,7 +140,7 @@ def test_same_seed_gives_the_same_weights():
         {"batch_size": -1},
         {"lr": 0.0},
         {"factor": 1.5},
-        {"schedule": "cosine"},
+        {"schedule": "linear"},
         {"select": "accuracy"},
     ],
 )
@@ -199,3 +199,73 @@ def test_select_iterations_needs_a_monitor():
     config = TrainConfig(epochs=1, select="iterations")
     with pytest.raises(ValueError, match="monitor"):
         train(linear_model(), squared_error, regression_tasks(8, 0), regression_tasks(8, 1), config)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_per_step():
+    # 64 tasks in batches of 32: two steps an epoch, eight in all.
+    config = TrainConfig(epochs=4, batch_size=32, lr=1e-2, betas=(0.9, 0.999), schedule="cosine")
+    result = train(
+        linear_model(), squared_error, regression_tasks(64, 0), regression_tasks(8, 1), config
+    )
+    expected = [1e-2 * (1 + math.cos(math.pi * 2 * epoch / 8)) / 2 for epoch in (1, 2, 3, 4)]
+    assert [r.lr for r in result.history] == pytest.approx(expected, abs=1e-12)
+    assert result.history[-1].lr == pytest.approx(0.0, abs=1e-15)
+
+
+def recording(weights):
+    """``squared_error`` that records the weights it is called with, and whether training."""
+
+    def objective(model, tasks):
+        weights.append((model.training, model.weight.detach().clone()))
+        return squared_error(model, tasks)
+
+    return objective
+
+
+def test_the_moving_average_of_the_weights_is_validated_and_kept():
+    train_tasks, validation_tasks = regression_tasks(64, 0), regression_tasks(8, 1)
+    settings = dict(epochs=3, batch_size=16, lr=0.05, betas=(0.9, 0.999), schedule="cosine",
+                    validate_every=3)  # fmt: skip
+    # Without the average: the weights of every step, and the last ones (validated).
+    steps = []
+    train(linear_model(), recording(steps), train_tasks, validation_tasks, TrainConfig(**settings))
+    trajectory = [weight for training, weight in steps if training] + [steps[-1][1]]
+    decay = 0.75
+    expected = trajectory[0]
+    for weight in trajectory[1:]:
+        expected = decay * expected + (1 - decay) * weight
+    assert len(trajectory) == 3 * 4 + 1
+    model = linear_model()
+    validated = []
+    config = TrainConfig(**settings, ema=decay)
+    result = train(model, recording(validated), train_tasks, validation_tasks, config)
+    # Validation only every 3 epochs: the earlier epochs record NaN and are never kept.
+    assert [math.isnan(r.validation_loss) for r in result.history] == [True, True, False]
+    assert result.best_epoch == 3
+    torch.testing.assert_close(result.best_state["weight"], expected)
+    torch.testing.assert_close(model.weight.detach(), expected)
+    assert not torch.allclose(expected, trajectory[-1])
+    evaluated = [weight for training, weight in validated if not training]
+    torch.testing.assert_close(evaluated[-1], expected)
+
+
+def test_the_best_moving_average_is_kept_over_later_worse_ones():
+    def loss_grows_with_time(model, tasks):
+        calls.append(None)
+        return model(tasks["x"]).squeeze(1) * 0 + len(calls)
+
+    calls = []
+    config = TrainConfig(epochs=6, batch_size=64, lr=1e-2, schedule="cosine", ema=0.9,
+                         validate_every=2)  # fmt: skip
+    result = train(linear_model(), loss_grows_with_time, regression_tasks(64, 0),
+                   regression_tasks(8, 1), config)  # fmt: skip
+    assert result.best_epoch == 2
+
+
+def test_recipe_options_are_checked():
+    with pytest.raises(ValueError, match="ema must lie in"):
+        TrainConfig(ema=1.0)
+    with pytest.raises(ValueError, match="validation every epoch"):
+        TrainConfig(validate_every=5)
+    with pytest.raises(ValueError, match="validate_every must be a positive integer"):
+        TrainConfig(schedule="cosine", validate_every=0)

@@ -7,7 +7,9 @@ import torch
 from femeta.experiments import ElasticityIccg, available_cores
 from femeta.workflow import (
     TrainOptions,
+    build_experiment,
     evaluate_metasolver,
+    load_checkpoint,
     load_metasolver,
     monitor_cap,
     resolve_options,
@@ -38,6 +40,58 @@ def test_saved_model_evaluates_like_the_trained_one(tmp_path):
     reloaded = evaluate_metasolver(experiment, loaded, 1e-4)
     assert (direct.iterations == reloaded.iterations).all()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_poisson_trains_with_the_recommended_set_up_and_saves_a_plain_network(tmp_path):
+    options = TrainOptions(loss="surrogate", m=300, tol=1e-4, epochs=6, p=0.01)
+    experiment, trained, result = train_metasolver(options, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train_config"]["schedule"] == "cosine"
+    assert config["train_config"]["ema"] == 0.99 and config["options"]["paper"] is False
+    # Validated every 5 epochs and after the last one.
+    assert [r["validation_loss"] == r["validation_loss"] for r in config_history(tmp_path)] == [
+        False, False, False, False, True, True
+    ]  # fmt: skip
+    assert result.best_epoch in (5, 6)
+    _, loaded = load_metasolver(tmp_path / "run", "poisson1d")
+    assert type(loaded.network) is type(experiment.metasolver("nn").network)
+    direct = evaluate_metasolver(experiment, trained, 1e-4)
+    assert (direct.iterations == evaluate_metasolver(experiment, loaded, 1e-4).iterations).all()
+    # It learned something from the zero guess (Psi_base).
+    base = evaluate_metasolver(experiment, experiment.metasolver("base"), 1e-4)
+    assert direct.mean_iterations < base.mean_iterations
+
+
+def config_history(tmp_path):
+    return json.loads((tmp_path / "run" / "history.json").read_text())
+
+
+def test_paper_flag_gives_the_papers_optimiser_and_network(tmp_path):
+    options = TrainOptions(loss="m", m=2, epochs=1, p=0.01, paper=True)
+    train_metasolver(options, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]
+    assert (config["schedule"], config["betas"], config["ema"]) == ("plateau", [0.999, 0.999], None)
+    assert (config["epochs"], config["lr"]) == (1, 0.01)
+
+
+def test_a_checkpoint_of_the_recommended_set_up_evaluates_as_a_plain_network(tmp_path):
+    # A checkpoint keeps the network as it trains (scaled); loading it folds the scaling.
+    options = resolve_options(TrainOptions(loss="m", m=2, epochs=2, p=0.01), "cpu")
+    experiment = build_experiment(options, "cpu")
+    train_tasks = experiment.tasks("train", 0)
+    training = experiment.training_metasolver(train_tasks, paper=False)
+    with torch.no_grad():
+        for parameter in training.parameters():
+            parameter.normal_(0, 0.1)
+    trainer = {"best_state": training.state_dict(), "epoch": 1, "best_epoch": 1,
+               "best_validation_loss": 1.0}  # fmt: skip
+    torch.save({"options": options.as_dict(), "trainer": trainer}, tmp_path / "checkpoint.pt")
+    _, loaded, progress = load_checkpoint(tmp_path / "checkpoint.pt", "poisson1d")
+    assert type(loaded.network) is type(experiment.metasolver("nn").network)
+    features = train_tasks["f"][:5]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features), training(features))
+    assert progress["epochs_done"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,7 +216,7 @@ def test_beams_train_with_the_best_known_settings_unless_told_otherwise():
 
 
 @pytest.mark.parametrize("problem", ["poisson1d", "robertson"])
-def test_the_papers_settings_are_the_best_known_for_poisson_and_robertson(problem):
+def test_poisson_and_robertson_solve_in_torch_on_one_process_either_way(problem):
     for paper in (False, True):
         options = resolve_options(TrainOptions(problem=problem, paper=paper), "cpu")
         assert derivative_options(options) == (None, "torch", 1, None)

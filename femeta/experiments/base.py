@@ -140,14 +140,19 @@ class TrainDefaults:
 
     ``m`` is the iteration count of L_m; ``schedule`` is ``"plateau"`` (Adam
     with betas 0.999, lr cut by 5 on a plateau: :class:`TrainConfig`'s
-    defaults) or ``"steps"`` (:func:`paper_steps`).
+    defaults), ``"steps"`` (:func:`paper_steps`) or ``"cosine"`` (Adam with
+    ``betas``, the lr decayed to 0 along a cosine; ``ema`` and
+    ``validate_every`` as in :class:`TrainConfig`).
     """
 
     epochs: int
     batch_size: int
     lr: float
     m: int
-    schedule: Literal["plateau", "steps"] = "steps"
+    schedule: Literal["plateau", "steps", "cosine"] = "steps"
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema: float | None = None
+    validate_every: int = 1
 
 
 #: The paper's settings of the generic engine options, for an experiment with torch only.
@@ -189,8 +194,11 @@ class Experiment:
     options: ClassVar[tuple[Option, ...]] = ()
     #: The values that a run saved without an option's key used.
     saved_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    #: The training settings when none are given.
+    #: The paper's training settings (``--paper``, and everything not in a recommended set-up).
     train_defaults: ClassVar[TrainDefaults]
+    #: The best known training settings where they differ from the paper's (``None``: the
+    #: paper's are the best known); :meth:`training_metasolver` builds the network to match.
+    recommended_train: ClassVar[TrainDefaults | None] = None
     #: Whether L_m squares the error measure (the Poisson tasks do, §3.1.2).
     squared_error: ClassVar[bool] = True
     #: Whether ``femeta solve`` assembles one task with DOLFINx and solves it with a model.
@@ -292,15 +300,37 @@ class Experiment:
         return self.train_defaults.m if loss == "m" else self.surrogate_cap
 
     def train_config(self, epochs: int | None, batch_size: int | None, lr: float | None,
-                     seed: int) -> TrainConfig:  # fmt: skip
-        """The optimiser and schedule: :attr:`train_defaults` where a value is ``None``."""
-        defaults = self.train_defaults
+                     seed: int, paper: bool = True) -> TrainConfig:  # fmt: skip
+        """The optimiser and schedule where a value is ``None``: the paper's
+        (:attr:`train_defaults`), or without ``paper`` the :attr:`recommended_train`."""
+        defaults = self.train_set_up(paper)
         epochs = defaults.epochs if epochs is None else epochs
         batch_size = defaults.batch_size if batch_size is None else batch_size
         lr = defaults.lr if lr is None else lr
         if defaults.schedule == "steps":
             return paper_steps(epochs, batch_size, lr, seed)
+        if defaults.schedule == "cosine":
+            return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, betas=defaults.betas,
+                               schedule="cosine", seed=seed, ema=defaults.ema,
+                               validate_every=defaults.validate_every)  # fmt: skip
         return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+
+    @classmethod
+    def train_set_up(cls, paper: bool) -> TrainDefaults:
+        """The paper's :attr:`train_defaults`, or the :attr:`recommended_train` where known."""
+        if paper or cls.recommended_train is None:
+            return cls.train_defaults
+        return cls.recommended_train
+
+    def training_metasolver(self, train_tasks: TaskSet, paper: bool) -> nn.Module:
+        """Psi_nn as it is trained: the paper's network, or the recommended set-up's.
+
+        A recommended set-up may wrap parts of the network in
+        :class:`~femeta.metasolvers.ScaledMLP`; the trainer folds them
+        (:func:`~femeta.metasolvers.fold_scaling`) into the plain network of
+        :meth:`metasolver` before it is saved. By default, that plain network.
+        """
+        return self.metasolver("nn", train_tasks)
 
     def metasolver(self, kind: str, train_tasks: TaskSet | None = None) -> nn.Module:
         """``nn`` (Psi_nn) or one of :attr:`baselines`, on this device."""
