@@ -102,9 +102,9 @@ def test_training_steps_take_gradients_and_validation_does_not():
     assert calls == [(True, True), (True, True), (False, False)] * 2
 
 
-def test_each_step_sees_its_own_tasks_although_batches_share_storage():
-    """Every epoch's batches hold each training task once (the last one smaller), and
-    a batch seen by a step keeps its values until the next step reuses the storage."""
+def test_each_step_sees_its_own_tasks():
+    """Every epoch's batches hold each training task once (the last one smaller), in the
+    order of the epoch's shuffle."""
     seen = []
 
     def recording(model, tasks):

@@ -154,29 +154,6 @@ class SparseBatch:
                 batch.__dict__[name] = self.__dict__[name]
         return batch
 
-    def new_empty(self, shape: Sequence[int]) -> SparseBatch:
-        """``shape[0]`` matrices on this pattern with uninitialised values (``shape`` as for
-        a dense ``(B, N, N)`` tensor)."""
-        if tuple(shape[1:]) != self.shape[1:]:
-            raise ValueError(
-                f"a batch on this pattern has shape (B, *{self.shape[1:]}), not {shape}"
-            )
-        return self.with_values(self.values.new_empty((shape[0], self.nnz)))
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        """``torch.index_select(batch, 0, index, out=...)`` selects matrices, as on a dense
-        ``(B, N, N)`` tensor; other torch functions do not take a batch."""
-        kwargs = kwargs or {}
-        if func is torch.index_select and len(args) == 3 and args[1] == 0:
-            batch, _, index = args
-            out = kwargs.get("out")
-            values = torch.index_select(
-                batch.values, 0, index, out=None if out is None else out.values
-            )
-            return batch.with_values(values)
-        return NotImplemented
-
     def transposition(self) -> Tensor:
         """Where each entry's mirror is stored: ``values[:, p]`` holds the transposes.
 
