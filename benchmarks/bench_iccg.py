@@ -1,15 +1,17 @@
-"""Throughput of the batched torch ICCG(alpha) against a loop of PETSc KSP solves.
+"""Throughput of femeta's ICCG(alpha) against PETSc KSP solves, on the paper's beams (N = 243).
 
 Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
 
     .venv/bin/python benchmarks/bench_iccg.py --repeats 3
 
 Every variant solves the same clamped-beam tasks (the first ``--tasks`` of the
-test split; torch in batches of ``--batch``) with the same shift, tolerance and
-cap; the table shows the median wall time of the repetitions and the solved
-tasks per second. The default shift is Psi_base's, 10^-0.6. ``petsc_iccg`` is
-the reference of :mod:`femeta.solvers.iccg` (it converts each dense matrix to
-CSR and records the residual history); :class:`~femeta.solvers.petsc.PetscIccg`
+test split, IC(0) on the stored pattern as in training; femeta in batches of
+``--batch``) with the same shift, tolerance and cap; the table shows the median
+wall time of the repetitions and the solved tasks per second. The default shift
+is Psi_base's, 10^-0.6. "iccg" is :func:`femeta.solvers.iccg.iccg` with its
+compiled kernels and with ``method="torch"`` (sparse triangular solves);
+``petsc_iccg`` is its PETSc reference (it records the residual history);
+:class:`~femeta.solvers.petsc.PetscIccg`
 does the same solves in batches of ``--batch`` with every system kept from a
 first, untimed call (as in training, from the second epoch on), in this process
 alone and with ``--workers`` processes; "PETSc bare" solves on matrices built
@@ -25,13 +27,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import scipy.sparse
 import torch
 
 from femeta._fenics import import_dolfinx
 from femeta.problems.elasticity import ElasticBeam
 from femeta.solvers.iccg import iccg
 from femeta.solvers.petsc import PetscIccg, petsc_iccg
+from femeta.solvers.sparse import SparseBatch
 
 _FIELDS = ("iterations", "converged", "factorization_failed")
 
@@ -51,16 +53,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tasks = ElasticBeam().split("test", args.seed).subset(slice(0, args.tasks))
-    A, b = tasks["A"].to_dense(), tasks["b"]  # IC(0) on each A's nonzeros
+    A, b = tasks["A"], tasks["b"]
     alpha = torch.full((len(tasks),), args.alpha, dtype=torch.float64)
     stop = {"tol": args.tol, "max_iterations": args.max_iterations}
     batches = [slice(start, start + args.batch) for start in range(0, len(tasks), args.batch)]
 
-    def torch_forward():
-        results = [iccg(A[part], b[part], alpha[part], **stop) for part in batches]
+    def forward(method: str = "auto"):
+        results = [iccg(A[part], b[part], alpha[part], **stop, method=method) for part in batches]
         return {name: torch.cat([getattr(r, name) for r in results]) for name in _FIELDS}
 
-    def torch_gradient():
+    def gradient():
         for part in batches:
             shift = alpha[part].clone().requires_grad_()
             iccg(A[part], b[part], shift, **stop).history.sum().backward()
@@ -75,22 +77,23 @@ def main() -> None:
     bare = _bare_petsc(A, args.alpha, args.tol, args.max_iterations)
     alone, shared = PetscIccg(), PetscIccg(args.workers)
     variants: dict[str, Callable[[], object]] = {
-        "torch iccg": torch_forward,
-        "torch iccg + d/dalpha": torch_gradient,
+        "iccg, compiled": forward,
+        "iccg, compiled + d/dalpha": gradient,
+        "iccg, method torch": lambda: forward("torch"),
         "petsc_iccg (reference)": lambda: petsc_iccg(A, b, args.alpha, **stop),
         "PetscIccg, kept systems": kept(alone),
         f"the same, {args.workers} processes": kept(shared),
         "PETSc bare KSP loop": lambda: bare(b),
     }
     print(
-        f"{len(tasks)} test beams, torch batch {args.batch}, alpha = {args.alpha:.4g}, "
+        f"{len(tasks)} test beams, batch {args.batch}, alpha = {args.alpha:.4g}, "
         f"tol = {args.tol}, m = {args.max_iterations}, torch threads = {args.threads}, "
         f"median of {args.repeats}"
     )
-    reference = torch_forward()
+    reference = forward()
     petsc = petsc_iccg(A, b, args.alpha, **stop)
     print(
-        f"mean iterations: torch {reference['iterations'].double().mean():.2f}, "
+        f"mean iterations: femeta {reference['iterations'].double().mean():.2f}, "
         f"PETSc {petsc.iterations.double().mean():.2f}; converged: "
         f"{int(reference['converged'].sum())} / {int(petsc.converged.sum())}; ICF failures: "
         f"{int(reference['factorization_failed'].sum())} / {int(petsc.factorization_failed.sum())}"
@@ -111,21 +114,25 @@ def _time(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _bare_petsc(A: torch.Tensor, alpha: float, tol: float, max_iterations: int):
+def _bare_petsc(A: SparseBatch, alpha: float, tol: float, max_iterations: int):
     """A KSP loop like ``petsc_iccg``'s, on PETSc matrices built before timing starts."""
     import_dolfinx()
     from mpi4py import MPI
     from petsc4py import PETSc
 
-    def aij(matrix):
-        csr = scipy.sparse.csr_matrix(matrix)
-        indices = (csr.indptr.astype(PETSc.IntType), csr.indices.astype(PETSc.IntType))
-        return PETSc.Mat().createAIJ(csr.shape, csr=(*indices, csr.data), comm=MPI.COMM_SELF)
+    n = A.shape[1]
+    indptr = A.indptr.numpy().astype(PETSc.IntType)
+    indices = A.indices.numpy().astype(PETSc.IntType)
+    diagonal = np.repeat(np.arange(n), np.diff(indptr)) == indices
+
+    def aij(values: np.ndarray):
+        return PETSc.Mat().createAIJ((n, n), csr=(indptr, indices, values), comm=MPI.COMM_SELF)
 
     operators = []
-    for matrix in A.numpy():
-        shifted = matrix + alpha * np.diag(np.diag(matrix))
-        operators.append((aij(matrix), aij(shifted)))
+    for values in A.values.numpy():
+        shifted = values.copy()
+        shifted[diagonal] += alpha * values[diagonal]
+        operators.append((aij(values), aij(shifted)))
 
     def solve(b: torch.Tensor) -> None:
         for task, (matrix, shifted) in enumerate(operators):
