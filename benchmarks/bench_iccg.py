@@ -115,7 +115,8 @@ def _time(run: Callable[[], object]) -> float:
 
 
 def _bare_petsc(A: SparseBatch, alpha: float, tol: float, max_iterations: int):
-    """A KSP loop like ``petsc_iccg``'s, on PETSc matrices built before timing starts."""
+    """A KSP per task and solve, like ``petsc_iccg``'s, on PETSc matrices built before timing
+    starts; the returned function gives each task's iteration count."""
     import_dolfinx()
     from mpi4py import MPI
     from petsc4py import PETSc
@@ -134,7 +135,8 @@ def _bare_petsc(A: SparseBatch, alpha: float, tol: float, max_iterations: int):
         shifted[diagonal] += alpha * values[diagonal]
         operators.append((aij(values), aij(shifted)))
 
-    def solve(b: torch.Tensor) -> None:
+    def solve(b: torch.Tensor) -> list[int]:
+        counts = []
         for task, (matrix, shifted) in enumerate(operators):
             ksp = PETSc.KSP().create(MPI.COMM_SELF)
             ksp.setOptionsPrefix(f"bench_iccg_{task}_")
@@ -150,8 +152,10 @@ def _bare_petsc(A: SparseBatch, alpha: float, tol: float, max_iterations: int):
             x, rhs = matrix.createVecs()
             rhs.setArray(b[task].numpy())
             ksp.solve(rhs, x)
+            counts.append(ksp.getIterationNumber())
             for item in (ksp, x, rhs):
                 item.destroy()
+        return counts
 
     return solve
 

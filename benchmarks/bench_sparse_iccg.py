@@ -125,7 +125,12 @@ def _run_variant(args: argparse.Namespace) -> dict[str, float]:
     threads = os.cpu_count() if args.variant == "compiled, all threads" else 1
     torch.set_num_threads(threads)
     if args.variant == "PETSc loop":
-        solve = _petsc_loop(A, b, args.alpha, args.tol, cap)
+        from bench_iccg import _bare_petsc  # this script's folder is on sys.path
+
+        loop = _bare_petsc(A, args.alpha, args.tol, cap)
+
+        def solve():
+            return loop(b)
     elif args.variant == "compiled + d/dalpha":
 
         def solve():
@@ -171,51 +176,6 @@ def _peak_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _petsc_loop(A, b, alpha: float, tol: float, cap: int):
-    """A KSP per task and solve (CG + ICC(0) of ``A + alpha diag(A)``) on matrices built
-    before timing starts, as a script that solves one system after another does."""
-    from mpi4py import MPI
-    from petsc4py import PETSc
-
-    n = A.shape[1]
-    indptr = A.indptr.numpy().astype(PETSc.IntType)
-    indices = A.indices.numpy().astype(PETSc.IntType)
-    diagonal = np.repeat(np.arange(n), np.diff(indptr)) == indices
-    operators = []
-    for task in range(len(A)):
-        data = A.values[task].numpy()
-        shifted = data.copy()
-        shifted[diagonal] += alpha * data[diagonal]
-        operators.append(tuple(
-            PETSc.Mat().createAIJ((n, n), csr=(indptr, indices, values), comm=MPI.COMM_SELF)
-            for values in (data, shifted)
-        ))  # fmt: skip
-
-    def solve():
-        counts = []
-        for task, (matrix, shifted) in enumerate(operators):
-            ksp = PETSc.KSP().create(MPI.COMM_SELF)
-            ksp.setOptionsPrefix(f"bench_sparse_iccg_{task}_")
-            ksp.setOperators(matrix, shifted)
-            ksp.setType(PETSc.KSP.Type.CG)
-            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-            ksp.setTolerances(rtol=tol, atol=0.0, max_it=cap)
-            pc = ksp.getPC()
-            pc.setType(PETSc.PC.Type.ICC)
-            pc.setFactorLevels(0)
-            pc.setFactorOrdering(PETSc.Mat.OrderingType.NATURAL)
-            pc.setFactorShift(PETSc.Mat.FactorShiftType.NONE, 0.0)
-            x, rhs = matrix.createVecs()
-            rhs.setArray(b[task].numpy())
-            ksp.solve(rhs, x)
-            counts.append(ksp.getIterationNumber())
-            for item in (ksp, x, rhs):
-                item.destroy()
-        return counts
-
-    return solve
 
 
 if __name__ == "__main__":
