@@ -1,8 +1,9 @@
 """Compiled CPU kernels of ICCG(alpha) on a sparsity pattern shared by a batch.
 
-Every task is factorized and solved on its own, in parallel over the tasks, so
-each stops at its own iteration and no work is spent on finished tasks. The
-derivative in ``alpha`` is carried forward beside every quantity (the tangent
+Each thread takes a share of the tasks and iterates up to ``slots`` of them at
+once in lockstep, so one pass over the pattern serves them all; a task stops at
+its own iteration and its slot takes the next task, so little work is spent on
+finished tasks. The derivative in ``alpha`` is carried forward beside every quantity (the tangent
 of IC(0), of both triangular solves and of every CG scalar), so one pass gives
 the solve and its exact derivative. The arithmetic is IC(0) row by row and CG
 as PETSc does it, with the unpreconditioned residual norm. Loops are written
@@ -304,16 +305,13 @@ def _ic0(lower_ptr, lower_cols, lower_source, values, alpha, tangent, factor, df
 
 @njit(cache=True)
 def _matvec(indptr, indices, values, vector, out):
-    """``out = A vector``; returns ``vector . out``."""
+    """``out = A vector`` for one task."""
     n = indptr.shape[0] - 1
-    dot = 0.0
     for i in range(n):
         total = 0.0
         for e in range(indptr[i], indptr[i + 1]):
             total += values[e] * vector[indices[e]]
         out[i] = total
-        dot += vector[i] * total
-    return dot
 
 
 @njit(cache=True)

@@ -8,10 +8,10 @@ that the assembled sparse matrix stores; it fails when a pivot is not positive.
 
 Two implementations, one answer:
 
-- ``"compiled"`` (CPU, float64): each task is factorized and solved by compiled
-  code on its sparse pattern (:class:`~femeta.solvers.sparse.SparseBatch`), the
-  tasks in parallel over the CPU threads; memory is ``O(B nnz)``, so it serves
-  every mesh size.
+- ``"compiled"`` (CPU, float64): compiled code factorizes each task on its sparse
+  pattern (:class:`~femeta.solvers.sparse.SparseBatch`) and runs CG on groups of
+  tasks in lockstep, the groups in parallel over the CPU threads; memory is
+  ``O(B nnz)``, so it serves every mesh size.
 - ``"torch"`` (any device and dtype): the batch moves in lockstep through torch
   operations. For dense input ``M = L L^T`` is applied through its explicit
   dense inverse, computed once per task, so a CG iteration is two batched
