@@ -3,6 +3,7 @@
 Run from the repository root, with femeta importable (installed, or ``PYTHONPATH=.``)::
 
     .venv/bin/python benchmarks/bench_iccg.py --repeats 3
+    .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/bench_iccg.py --repeats 3
 
 Every variant solves the same clamped-beam tasks (the first ``--tasks`` of the
 test split, IC(0) on the stored pattern as in training; femeta in batches of
@@ -13,9 +14,9 @@ compiled kernels and with ``method="torch"`` (sparse triangular solves);
 ``petsc_iccg`` is its PETSc reference (it records the residual history);
 :class:`~femeta.solvers.petsc.PetscIccg`
 does the same solves in batches of ``--batch`` with every system kept from a
-first, untimed call (as in training, from the second epoch on), in this process
-alone and with ``--workers`` processes; "PETSc bare" solves on matrices built
-beforehand, without the residual history.
+first, untimed call (as in training, from the second epoch on); "PETSc bare"
+solves on matrices built beforehand, without the residual history. Under
+``mpiexec`` only PetscIccg runs, its tasks shared over the ranks (rank 0 prints).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="processes of PetscIccg")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,15 +74,23 @@ def main() -> None:
         run()  # untimed: every system is kept from here on
         return run
 
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    engine = PetscIccg(comm)
+    if comm.size > 1:
+        seconds = statistics.median(_time(kept(engine)) for _ in range(args.repeats))
+        if comm.rank == 0:
+            print(f"PetscIccg, kept systems, {comm.size} ranks: {seconds:.3f} s, "
+                  f"{len(tasks) / seconds:.1f} tasks/s (median of {args.repeats})")  # fmt: skip
+        return
     bare = _bare_petsc(A, args.alpha, args.tol, args.max_iterations)
-    alone, shared = PetscIccg(), PetscIccg(args.workers)
     variants: dict[str, Callable[[], object]] = {
         "iccg, compiled": forward,
         "iccg, compiled + d/dalpha": gradient,
         "iccg, method torch": lambda: forward("torch"),
         "petsc_iccg (reference)": lambda: petsc_iccg(A, b, args.alpha, **stop),
-        "PetscIccg, kept systems": kept(alone),
-        f"the same, {args.workers} processes": kept(shared),
+        "PetscIccg, kept systems": kept(engine),
         "PETSc bare KSP loop": lambda: bare(b),
     }
     print(
@@ -102,8 +110,7 @@ def main() -> None:
     for name, run in variants.items():
         seconds = statistics.median(_time(run) for _ in range(args.repeats))
         print(f"{name:<28}{seconds:>10.3f}{len(tasks) / seconds:>10.1f}")
-    alone.close()
-    shared.close()
+    engine.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak resident memory of the process: {peak:.2f} GiB")
 

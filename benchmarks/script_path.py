@@ -51,7 +51,7 @@ def main() -> None:
     for label, cap in caps.items():
         evaluated[label] = experiment.stats(psi, first, args.tol, cap).iterations
         # The dataset's (symmetrised) beams in PETSc: separates assembly from solver rounding.
-        stats = experiment.stats(psi, first, args.tol, cap, engine="petsc", workers=1)
+        stats = experiment.stats(psi, first, args.tol, cap, engine="petsc")
         petsc_dataset[label] = stats.iterations
     script = {label: [] for label in caps}
     default = {label: [] for label in caps}

@@ -24,15 +24,16 @@ from femeta.experiments import (
     EXPERIMENTS,
     Experiment,
     Option,
-    available_cores,
     get_experiment,
     resolve_device,
 )
 from femeta.experiments.base import TORCH
+from femeta.parallel import share_cores, world
 from femeta.training import EpochRecord, TrainResult
 from femeta.workflow import (
     GENERIC_OPTIONS,
     TrainOptions,
+    base_alpha,
     baseline_metasolver,
     evaluate_metasolver,
     load_checkpoint,
@@ -138,10 +139,7 @@ def train_command(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option(
-            help="Continue the interrupted run in this directory (other options unused, "
-            "but --workers)."
-        ),
+        typer.Option(help="Continue the interrupted run in this directory (other options unused)."),
     ] = None,
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Checkpoint the training state at most this often.")
@@ -197,15 +195,8 @@ def train_command(
         typer.Option(
             help="Run the training, validation and monitor solves with one of the problem's "
             f"engines ({engines_help()}); evaluation stays in torch. 'petsc' solves a KSP "
-            "per task on the CPU and needs a smoothed derivative. [default: the problem's "
-            "best known]"
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Processes that share each batch's solves with an engine other than torch; "
-            "the results do not depend on it. [default: all cores with such an engine, else 1]"
+            "per task on the CPU, shared over the ranks of mpiexec, and needs a smoothed "
+            "derivative. [default: the problem's best known]"
         ),
     ] = None,
     select: Annotated[
@@ -251,11 +242,11 @@ def train_command(
     if resume is None:
         given = {"loss": loss, "m": m, "tol": tol, "epochs": epochs, "seed": seed, "gain": gain,
                  "batch_size": batch_size, "lr": lr, "select": select, "engine": engine,
-                 "workers": workers, "paper": True if paper else None}  # fmt: skip
+                 "paper": True if paper else None}  # fmt: skip
         given |= problem_options
         options = new_run_options(problem, given, config, out)
     run = functools.partial(run_training, problem, options, out, resume, checkpoint_seconds,
-                            monitor, device, workers)  # fmt: skip
+                            monitor, device)  # fmt: skip
     try:
         out, result = with_epoch_progress(run)
     except KeyboardInterrupt:
@@ -274,7 +265,8 @@ def new_run_options(
     except TypeError as err:
         where = f" in {config}" if config is not None else ""
         raise UsageError(f"bad option value{where}: {err}") from None
-    if out.exists() and any(out.iterdir()):
+    # Rank 0 looks, so that no rank sees a directory that another has begun to write.
+    if world().bcast(out.exists() and any(out.iterdir()), root=0):
         raise UsageError(
             f"{out} exists and is not empty; choose a new --out directory, "
             f"or continue an interrupted run with --resume {out}"
@@ -284,7 +276,7 @@ def new_run_options(
 
 def run_training(
     problem: str, options: TrainOptions | None, out: Path | None, resume: Path | None,
-    checkpoint_seconds: float, monitor: bool, device: str, workers: int | None,
+    checkpoint_seconds: float, monitor: bool, device: str,
     on_epoch: Callable[[EpochRecord], None], set_total: Callable[[int], None],
 ) -> tuple[Path, TrainResult]:  # fmt: skip
     """Train a new run (``options``) into ``out``, or continue the run in ``resume``."""
@@ -295,9 +287,7 @@ def run_training(
         set_total(schedule.epochs)
         _, _, result = train_metasolver(options, out, on_epoch, checkpoint_seconds, monitor, device)
         return out, result
-    _, _, result = resume_training(
-        resume, problem, on_epoch, checkpoint_seconds, monitor, device, workers
-    )
+    _, _, result = resume_training(resume, problem, on_epoch, checkpoint_seconds, monitor, device)
     return resume, result
 
 
@@ -381,14 +371,10 @@ def evaluate_command(
         str,
         typer.Option(
             help=f"Solve with one of the problem's engines ({engines_help()}): 'petsc' is "
-            "a KSP per task, spread over --workers processes (Psi_best's 31 shifts several "
+            "a KSP per task, shared over the ranks of mpiexec (Psi_best's 31 shifts several "
             "times faster than in torch). The counts differ only by rounding."
         ),
     ] = "torch",
-    workers: Annotated[
-        int | None,
-        typer.Option(help="With an engine other than torch: processes. [default: all cores]"),
-    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
@@ -398,13 +384,11 @@ def evaluate_command(
     """Mean iterations to reach a tolerance on the test tasks (L_eps)."""
     check_problem(problem)
     check_evaluate_input(problem, model, checkpoint, baseline, tol, max_iterations)
-    if workers is None:
-        workers = available_cores() if engine != TORCH else 1
     experiment, metasolver, progress = evaluated(
         problem, model, checkpoint, baseline, seed, device, task_options
     )
     tol = experiment.default_tol if tol is None else tol
-    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations, engine, workers)
+    stats = evaluate_metasolver(experiment, metasolver, tol, seed, max_iterations, engine)
     task_p = getattr(experiment, "p", None)
     name = str(model or checkpoint or baseline)
     summary = {"problem": problem, "model": name, "p": task_p, "engine": engine}
@@ -525,7 +509,7 @@ def solve_command(
     probe = _probe_ksp(A)
     alpha = configure(probe, loaded, extrapolate=extrapolate, **params).alpha
     probe.destroy()
-    base = comm.bcast(_base_alpha(loaded) if comm.rank == 0 else None, root=0)
+    base = base_alpha(loaded)
     outcomes = [
         comparison.shifted_icc("femeta", A, b, alpha, tol, cap),
         comparison.shifted_icc("psi_base", A, b, base, tol, cap),
@@ -564,15 +548,6 @@ def _probe_ksp(A: Any) -> Any:
     ksp = PETSc.KSP().create(A.comm)
     ksp.setOperators(A)
     return ksp
-
-
-def _base_alpha(model: Any) -> float:
-    """Psi_base's shift: saved with the model, or found on its training beams."""
-    if model.base_alpha is not None:
-        return model.base_alpha
-    experiment, _ = load_metasolver(model.run_dir, model.problem)
-    seed = json.loads((model.run_dir / "config.json").read_text())["options"]["seed"]
-    return experiment.base_shift(experiment.tasks("train", seed))
 
 
 RunEpochs = Annotated[int | None, typer.Option(help="Override the epochs of every run.")]
@@ -853,12 +828,14 @@ def info_command() -> None:
         typer.echo(f"{key:9s} {value}")
 
 
-def launcher_rank() -> int:
-    """This process's rank when started by mpiexec (MPICH, Open MPI or PMIx), else 0."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
+def launcher_place() -> tuple[int, int]:
+    """This process's rank and the number of ranks when started by mpiexec (MPICH,
+    Open MPI or PMIx), else ``(0, 1)``."""
+    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                       ("PMIX_RANK", "PMIX_SIZE")):  # fmt: skip
+        if rank in os.environ:
+            return int(os.environ[rank]), int(os.environ.get(size, "1"))
+    return 0, 1
 
 
 def problem_parameters(evaluate: bool) -> list[inspect.Parameter]:
@@ -876,7 +853,8 @@ def problem_parameters(evaluate: bool) -> list[inspect.Parameter]:
         else:
             text = f"{option.help} [default: {option.default_text}]"
         help_text = f"{' and '.join(problems)} only: {text}"
-        annotation = Annotated[option.type | None, typer.Option(help=help_text)]
+        kind_of = option.type if option.count is None else tuple[(option.type,) * option.count]
+        annotation = Annotated[kind_of | None, typer.Option(help=help_text)]
         kind = inspect.Parameter.KEYWORD_ONLY
         parameters.append(inspect.Parameter(name, kind, default=None, annotation=annotation))
     return parameters
@@ -892,9 +870,12 @@ def declare_problem_options() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``femeta`` command, with the options of every experiment registered by now."""
-    if launcher_rank() > 0:
+    rank, size = launcher_place()
+    if rank > 0:
         # Results are printed once, by rank 0; errors still reach every rank's stderr.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    if size > 1:
+        share_cores(size)
     declare_problem_options()
     app(args=argv)
 

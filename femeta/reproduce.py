@@ -324,7 +324,7 @@ def _run_table2_row(
         options = TrainOptions(problem="elasticity", loss=row["loss"], m=m, tol=1e-6,
                                epochs=epochs, seed=seed,
                                smooth=0.0 if smooth is None else smooth, engine=engine,
-                               workers=1, ic_pattern=ic_pattern,
+                               ic_pattern=ic_pattern,
                                inputs=TABLE2_INPUTS)  # fmt: skip
         experiment, metasolver, _ = train_metasolver(options)
     stats = evaluate_metasolver(experiment, metasolver, 1e-6, seed, cap)

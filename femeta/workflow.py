@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,11 +18,13 @@ from femeta.experiments import DEFAULT_PROBLEM, EXPERIMENTS, Experiment, get_exp
 from femeta.experiments.base import TORCH, owners, resolve_device
 from femeta.metasolvers import fold_scaling
 from femeta.model import FORMAT_VERSION
+from femeta.parallel import on_root, world
 from femeta.runs import RunError, load_run, restore, save_run, tasks_digest
 from femeta.training import EpochRecord, TrainResult, train
 
 __all__ = [
     "TrainOptions",
+    "base_alpha",
     "baseline_metasolver",
     "build_experiment",
     "evaluate_metasolver",
@@ -39,7 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 
 #: The options of every experiment; an experiment adds its own (``Experiment.options``).
 GENERIC_OPTIONS = ("loss", "m", "tol", "epochs", "seed", "gain", "batch_size", "lr", "select",
-                   "engine", "workers", "paper")  # fmt: skip
+                   "engine", "paper")  # fmt: skip
 
 
 @dataclass(frozen=True, init=False)
@@ -50,15 +53,15 @@ class TrainOptions:
     count of L_m, or the cap of Phi_{eps,m} for the surrogate) see its
     ``default_m``; for ``tol`` its ``default_tol``; for ``epochs``,
     ``batch_size`` and ``lr`` its ``train_config`` (the paper's settings). For
-    ``engine``, ``workers`` and the options the experiment picks (e.g. the beams'
+    ``engine`` and the options the experiment picks (e.g. the beams'
     ``smooth`` and ``inputs``) it is the experiment's ``recommended_options``
     (the best known settings), or with ``paper`` its ``paper_options``
     (:func:`resolve_options`); an option given always wins, and with ``paper``
     one that differs from the paper's is an error. ``select`` keeps the epoch
     with the lowest validation loss (the paper) or, with ``"iterations"``, the
     fewest mean validation iterations, which needs the monitor. ``engine`` runs
-    the training, validation and monitor solves over ``workers`` processes;
-    ``workers`` changes the wall time and nothing else.
+    the training, validation and monitor solves; an engine other than torch shares
+    them over the ranks of ``mpiexec``, which changes the wall time and nothing else.
 
     Every other keyword is an option that the problem's experiment declares
     (``Experiment.options``: e.g. ``p`` of ``poisson1d``), read back as an
@@ -77,7 +80,6 @@ class TrainOptions:
     lr: float | None = None
     select: str = "loss"
     engine: str | None = None
-    workers: int | None = None
     paper: bool = False
     #: The experiment's options that were given (``None`` values dropped).
     problem_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -86,7 +88,7 @@ class TrainOptions:
         self, problem: str = DEFAULT_PROBLEM, loss: str = "surrogate", m: int | None = None,
         tol: float | None = None, epochs: int | None = None, seed: int = 0, gain: float = 1.0,
         batch_size: int | None = None, lr: float | None = None, select: str = "loss",
-        engine: str | None = None, workers: int | None = None, paper: bool = False,
+        engine: str | None = None, paper: bool = False,
         problem_options: Mapping[str, Any] | None = None, **options: Any,
     ) -> None:  # fmt: skip
         given = {**(problem_options or {}), **options}
@@ -107,7 +109,7 @@ class TrainOptions:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
-        for name in ("m", "epochs", "seed", "batch_size", "workers"):
+        for name in ("m", "epochs", "seed", "batch_size"):
             value = getattr(self, name)
             if not (value is None and name != "seed") and (
                 isinstance(value, bool) or not isinstance(value, int)
@@ -132,7 +134,7 @@ class TrainOptions:
         if not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
         experiment = _experiment_class(self.problem)
-        experiment.check_options(self.problem_options, self.engine, self.workers)
+        experiment.check_options(self.problem_options, self.engine)
 
     def as_dict(self) -> dict[str, Any]:
         """The options as saved with a run: every option of every problem, ``None`` if unused."""
@@ -144,10 +146,13 @@ class TrainOptions:
     def from_dict(cls, saved: Mapping[str, Any]) -> TrainOptions:
         """The options saved by :meth:`as_dict`, with the defaults of keys a run lacks.
 
-        A key set to ``None`` is an option not given (or of another problem).
+        A key set to ``None`` is an option not given (or of another problem). Some runs
+        of model format 2 carry ``workers``, the processes that shared their PETSc
+        solves; it changed only the wall time, and is dropped.
         """
         problem = saved.get("problem", DEFAULT_PROBLEM)
-        values = {name: value for name, value in saved.items() if value is not None}
+        values = {name: value for name, value in saved.items()
+                  if value is not None and name != "workers"}  # fmt: skip
         return cls(**_with_saved_defaults(problem, values))
 
 
@@ -177,7 +182,7 @@ def monitor_cap(evaluation_cap: int, options: TrainOptions) -> int:
 
 
 def resolve_options(options: TrainOptions, device: str | torch.device) -> TrainOptions:
-    """``options`` with ``engine``, ``workers`` and the options the experiment picks set.
+    """``options`` with ``engine`` and the options the experiment picks set.
 
     What is not given comes from the problem's experiment: its best known
     settings for training on ``device`` (``recommended_options``), or with
@@ -185,7 +190,7 @@ def resolve_options(options: TrainOptions, device: str | torch.device) -> TrainO
     that differs from the paper's is an error. Given values are kept.
     """
     factory = _experiment_class(options.problem)
-    names = [option.name for option in factory.options] + ["engine", "workers"]
+    names = [option.name for option in factory.options] + ["engine"]
     given = {name: getattr(options, name) for name in names}
     picked = set(factory.paper_options)
     chosen = {name: value for name, value in given.items()
@@ -250,12 +255,8 @@ def resume_training(
     checkpoint_seconds: float = 10.0,
     monitor_iterations: bool = False,
     device: str | torch.device = "cpu",
-    workers: int | None = None,
 ) -> tuple[Any, nn.Module, TrainResult]:
-    """Continue an interrupted :func:`train_metasolver` run from its last checkpoint.
-
-    ``workers`` replaces the run's own (it changes only the wall time).
-    """
+    """Continue an interrupted :func:`train_metasolver` run from its last checkpoint."""
     run_dir = Path(run_dir)
     if (run_dir / "config.json").exists():
         raise RunError(f"{run_dir} holds a completed run; there is nothing to resume")
@@ -265,8 +266,6 @@ def resume_training(
     options, trainer = read_checkpoint(path)
     if options.problem != problem:
         raise RunError(f"{run_dir} is a {options.problem!r} run, not {problem!r}")
-    if workers is not None:
-        options = replace(options, workers=workers)
     return _train(
         options, run_dir, on_epoch, checkpoint_seconds, trainer, monitor_iterations, device
     )
@@ -351,6 +350,7 @@ def _train(
             "select='iterations' keeps the epoch with the fewest validation iterations, "
             "which only the monitor measures; turn the monitor on (drop --no-monitor)"
         )
+    comm = world()
     if resume is None:  # a checkpoint holds resolved options
         options = resolve_options(options, device)
     experiment = build_experiment(options, device)
@@ -376,8 +376,7 @@ def _train(
         if option.stage == "objective"
     }
     objective = experiment.objective(
-        options.loss, options.m, tol, options.gain, engine=options.engine,
-        workers=options.workers, **objective_options,
+        options.loss, options.m, tol, options.gain, engine=options.engine, **objective_options,
     )  # fmt: skip
     torch.manual_seed(options.seed)
     metasolver = experiment.training_metasolver(train_tasks, options.paper)
@@ -386,8 +385,7 @@ def _train(
         cap = monitor_cap(experiment.evaluation_cap, options)
 
         # With the PETSc engine the monitor solves with it too, on the systems training keeps.
-        engine = {} if options.engine == TORCH else {"engine": options.engine,
-                                                      "workers": options.workers}  # fmt: skip
+        engine = {} if options.engine == TORCH else {"engine": options.engine}
 
         def monitor(psi: nn.Module) -> float:
             stats = experiment.stats(psi, validation_tasks, options.tol, cap, **engine)
@@ -399,7 +397,7 @@ def _train(
         def checkpoint(state: dict[str, Any]) -> None:
             buffer = io.BytesIO()
             torch.save({"options": options.as_dict(), "trainer": state}, buffer)
-            write_atomic(Path(out) / CHECKPOINT, buffer.getvalue())
+            on_root(comm, lambda: write_atomic(Path(out) / CHECKPOINT, buffer.getvalue()))
 
     result = train(
         metasolver,
@@ -417,28 +415,29 @@ def _train(
     metasolver = fold_scaling(metasolver)
     result.best_state = metasolver.state_dict()
     if out is not None:
-        save_run(
-            Path(out),
-            result.best_state,
-            {
-                "format": FORMAT_VERSION,
-                "problem": experiment.name,
-                "problem_params": experiment.params(),
-                "model": experiment.model_spec(train_tasks),
-                "solver": experiment.solver_name,
-                "predicts": experiment.predicts,
-                "features": experiment.features,
-                "metasolver": "nn",
-                "options": options.as_dict(),
-                "train_config": asdict(config),
-                "training_data_sha256": tasks_digest(*train_tasks.fields.values()),
-                "best_epoch": result.best_epoch,
-                "best_validation_loss": result.best_validation_loss,
-                "skipped_steps": result.skipped_steps,
-            },
-            result.history_dicts(),
-        )
-        (Path(out) / CHECKPOINT).unlink(missing_ok=True)
+        # Every rank takes part in what the record computes (Psi_base's shift); rank 0 writes.
+        record = {
+            "format": FORMAT_VERSION,
+            "problem": experiment.name,
+            "problem_params": experiment.params(),
+            "model": experiment.model_spec(train_tasks),
+            "solver": experiment.solver_name,
+            "predicts": experiment.predicts,
+            "features": experiment.features,
+            "metasolver": "nn",
+            "options": options.as_dict(),
+            "train_config": asdict(config),
+            "training_data_sha256": tasks_digest(*train_tasks.fields.values()),
+            "best_epoch": result.best_epoch,
+            "best_validation_loss": result.best_validation_loss,
+            "skipped_steps": result.skipped_steps,
+        }
+
+        def save() -> None:
+            save_run(Path(out), result.best_state, record, result.history_dicts())
+            (Path(out) / CHECKPOINT).unlink(missing_ok=True)
+
+        on_root(comm, save)
     return experiment, metasolver, result
 
 
@@ -490,6 +489,16 @@ def _in_force(experiment: Experiment, options: TrainOptions) -> dict[str, Any]:
     }
 
 
+def base_alpha(model: Any) -> float:
+    """Psi_base's shift of a loaded beam model (:func:`femeta.load`): saved with it, or
+    found again on its training beams (on every rank under ``mpiexec``)."""
+    if model.base_alpha is not None:
+        return model.base_alpha
+    experiment, _ = load_metasolver(model.run_dir, model.problem)
+    seed = json.loads((model.run_dir / "config.json").read_text())["options"]["seed"]
+    return experiment.base_shift(experiment.tasks("train", seed))
+
+
 def baseline_metasolver(experiment: Any, kind: str, seed: int = 0) -> nn.Module:
     """A baseline meta-solver (``base``, or ``best`` where there is one); ``base`` is
     fitted on the training split of ``seed`` (``best`` searches per task, without data)."""
@@ -505,16 +514,15 @@ def evaluate_metasolver(
     seed: int = 0,
     max_iterations: int | None = None,
     engine: str = "torch",
-    workers: int = 1,
 ) -> IterationStats:
     """L_eps on the test split: iterations of Phi_eps from Psi's parameters, per task.
 
     ``engine`` is one of the experiment's ``engines``: ``"petsc"`` solves in PETSc
-    over ``workers`` processes (the counts differ from torch's only by rounding).
+    over the ranks of ``mpiexec`` (the counts differ from torch's only by rounding).
     """
-    experiment.check_engine(engine, workers)
+    experiment.check_engine(engine)
     cap = experiment.evaluation_cap if max_iterations is None else max_iterations
     tasks = experiment.tasks("test", seed)
     if engine == TORCH:
         return experiment.stats(metasolver, tasks, tol, cap)
-    return experiment.stats(metasolver, tasks, tol, cap, engine=engine, workers=workers)
+    return experiment.stats(metasolver, tasks, tol, cap, engine=engine)

@@ -66,7 +66,7 @@ def beam_run(tmp_path_factory) -> Path:
     def train() -> Path:
         out = tmp_path_factory.mktemp("runs") / "beam"
         options = TrainOptions(problem="elasticity", loss="surrogate", epochs=1, smooth=0.25,
-                               engine="petsc", workers=1)  # fmt: skip
+                               engine="petsc")  # fmt: skip
         with pytest.MonkeyPatch.context() as patch:
             # Psi_base's shift, saved with the model, takes a dozen dense IC(0)
             # factorizations of the 1000 training beams: minutes, several times the

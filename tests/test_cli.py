@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from femeta.evaluation import IterationStats
-from femeta.experiments import ElasticityIccg, available_cores, get_experiment
+from femeta.experiments import ElasticityIccg, get_experiment
 from femeta.solvers.petsc import default_icc, petsc_iccg
 from femeta.workflow import TrainOptions, evaluate_metasolver, load_metasolver, train_metasolver
 
@@ -175,13 +175,13 @@ def beam_model(tmp_path_factory, invoke):
 def test_train_elasticity_with_petsc_solves(tmp_path, invoke):
     out = tmp_path / "petsc"
     result = invoke("train", "elasticity", "--smooth", "0.25", "--engine", "petsc",
-                    "--workers", "2", "--gamma", "2000",
+                    "--gamma", "2000",
                     "--inputs", "paper", "--epochs", "1", "--no-monitor", "--device", "cpu",
                     "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
-    assert (options["engine"], options["smooth"], options["workers"]) == ("petsc", 0.25, 2)
+    assert (options["engine"], options["smooth"]) == ("petsc", 0.25) and "workers" not in options
     assert options["gamma"] == 2000.0
     assert options["inputs"] == config["problem_params"]["inputs"] == "paper"
     assert config["features"].startswith("W, lambda, mu, rho")
@@ -210,7 +210,7 @@ def test_train_elasticity_defaults_to_the_best_known_settings(tmp_path, invoke, 
     assert result.exit_code == 0, result.output
     options = json.loads((out / "config.json").read_text())["options"]
     assert (options["smooth"], options["engine"], options["inputs"]) == (0.25, "petsc", "invariant")
-    assert options["workers"] == available_cores() and options["paper"] is False
+    assert options["paper"] is False
 
 
 def test_train_elasticity_with_the_papers_settings(tmp_path, invoke, no_base_shift):
@@ -220,7 +220,7 @@ def test_train_elasticity_with_the_papers_settings(tmp_path, invoke, no_base_shi
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
-    assert (options["smooth"], options["engine"], options["workers"]) == (0.0, "torch", 1)
+    assert (options["smooth"], options["engine"]) == (0.0, "torch")
     assert options["inputs"] == config["problem_params"]["inputs"] == "paper"
     assert options["paper"] is True and options["gamma"] == 500.0 and options["lr"] == 1e-3
     result = invoke("train", "elasticity", "--paper", "--smooth", "0.25", "--out", tmp_path / "x")
@@ -231,8 +231,8 @@ def test_train_elasticity_with_the_papers_settings(tmp_path, invoke, no_base_shi
 def test_train_elasticity_saves_the_paper_defaults(beam_model):
     config = json.loads((beam_model / "config.json").read_text())
     assert (config["problem"], config["solver"]) == ("elasticity", "iccg")
-    assert config["problem_params"] == {"cells": [8, 2, 2], "ic_pattern": "stored",
-                                        "inputs": "invariant"}  # fmt: skip
+    assert config["problem_params"] == {"cells": [8, 2, 2], "splits": [1000, 1000, 1000],
+                                        "ic_pattern": "stored", "inputs": "invariant"}  # fmt: skip
     options = config["options"]
     assert (options["m"], options["epochs"], options["batch_size"]) == (1, 1, 128)
     assert options["lr"] == 1e-3 and options["p"] is None and options["gamma"] == 500.0
@@ -254,7 +254,7 @@ def test_evaluate_elasticity_baseline_petsc_is_petscs_default_icc(invoke):
 
 def test_evaluate_elasticity_with_the_petsc_engine(invoke):
     result = invoke("evaluate", "elasticity", "--baseline", "base", "--engine", "petsc",
-                    "--workers", "2", "--json")  # fmt: skip
+                    "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     experiment = ElasticityIccg()
@@ -266,9 +266,8 @@ def test_evaluate_elasticity_with_the_petsc_engine(invoke):
     cases = {
         ("evaluate", "poisson1d", "--baseline", "base", "--engine", "petsc"):
             "--engine for poisson1d must be one of ['torch']",
-        ("evaluate", "elasticity", "--baseline", "base", "--workers", "2"): "engine petsc only",
-        ("evaluate", "elasticity", "--baseline", "base", "--engine", "petsc", "--workers", "0"):
-            "workers must be",
+        ("evaluate", "elasticity", "--baseline", "base", "--cells", "8", "2", "0"):
+            "cells must be 3 integers >= 1",
     }  # fmt: skip
     for args, message in cases.items():
         result = invoke(*args)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from femeta._fenics import has_dolfinx
-from femeta.problems import elasticity
 from femeta.problems.elasticity import ElasticBeam
 from femeta.solvers.iccg import iccg
 from femeta.solvers.sparse import SparseBatch
@@ -204,11 +203,10 @@ def test_parameters_follow_the_log_uniform_ranges():
     torch.testing.assert_close(medians, expected, rtol=0.15, atol=0)
 
 
-def test_splits_are_distinct_and_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setattr(elasticity, "SPLIT_SIZES", {"train": 2, "validation": 2, "test": 2})
-    beam = ElasticBeam(cache=False)
+def test_splits_are_distinct_and_deterministic():
+    beam = ElasticBeam(cache=False, splits=(2, 3, 1))
     train, validation = beam.split("train", seed=0), beam.split("validation", seed=0)
-    assert len(train) == 2
+    assert (len(train), len(validation), len(beam.split("test", seed=0))) == (2, 3, 1)
     assert not torch.equal(train["params"], validation["params"])
     assert torch.equal(train["A"].values, beam.split("train", seed=0)["A"].values)
     with pytest.raises(ValueError, match="unknown split"):

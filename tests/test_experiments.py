@@ -261,7 +261,8 @@ def test_stored_ic_pattern_reaches_every_solve(tasks):
     from femeta.problems.elasticity import ElasticBeam
 
     stored = ElasticityIccg()
-    assert stored.params() == {"cells": [8, 2, 2], "ic_pattern": "stored", "inputs": "invariant"}
+    assert stored.params() == {"cells": [8, 2, 2], "splits": [1000, 1000, 1000],
+                               "ic_pattern": "stored", "inputs": "invariant"}  # fmt: skip
     assert stored.matrices(tasks["A"]) is tasks["A"]
     values = ElasticityIccg(ic_pattern="values").matrices(tasks["A"])
     assert torch.equal(values, tasks["A"].to_dense())
@@ -393,26 +394,23 @@ def test_petsc_and_torch_engines_agree_on_stout_beams(experiment, tasks):
     assert gradients[1] == pytest.approx(gradients[0], rel=0.1)
 
 
-def test_petsc_workers_change_nothing_but_the_wall_time(experiment, tasks):
-    """Two processes give the loss and the gradient of one, bit for bit."""
+def test_petsc_engine_gives_the_loss_and_gradient_of_torch(experiment, tasks):
+    """The smoothed surrogate's loss and gradient do not depend on who solves: PETSc's KSPs
+    and the torch ICCG agree to rounding, and so do their losses."""
     subset = tasks.subset(slice(0, 12))
     outcomes = []
-    for workers in (1, 2):
+    for engine in ("petsc", "torch"):
         psi = LogShift(2e-3)  # some beams fail here: the penalty's path is in the batch too
-        objective = experiment.objective(
-            "surrogate", 243, 1e-6, smooth=0.25, engine="petsc", workers=workers
-        )
+        objective = experiment.objective("surrogate", 243, 1e-6, smooth=0.25, engine=engine)
         loss = objective(psi, subset)
         loss.sum().backward()
         outcomes.append((loss.detach(), psi.log_alpha.grad))
-    assert torch.equal(outcomes[0][0], outcomes[1][0])
-    assert torch.equal(outcomes[0][1], outcomes[1][1])
-    with pytest.raises(ValueError, match="engine petsc only"):
-        experiment.objective("surrogate", 243, 1e-6, smooth=0.25, workers=2)
+    assert torch.allclose(outcomes[0][0], outcomes[1][0], rtol=0.05)
+    assert torch.allclose(outcomes[0][1], outcomes[1][1], rtol=0.05)
     with pytest.raises(ValueError, match="unknown engine"):
         experiment.stats(LogShift(0.05), subset, 1e-6, 243, engine="cuda")
-    with pytest.raises(ValueError, match="elasticity shift"):
-        Poisson1DJacobi().objective("m", 5, None, workers=2)
+    with pytest.raises(ValueError, match="--engine for poisson1d must be one of"):
+        Poisson1DJacobi().objective("m", 5, None, engine="petsc")
 
 
 @pytest.fixture
@@ -488,7 +486,7 @@ def test_psi_best_in_petsc_is_the_best_of_the_grid_solved_there(experiment, task
 
     subset = tasks.subset(slice(0, 6))
     best = ShiftGrid(experiment.alpha_grid)
-    stats = experiment.stats(best, subset, 1e-6, 243, engine="petsc", workers=2)
+    stats = experiment.stats(best, subset, 1e-6, 243, engine="petsc")
     with PetscIccg() as engine:
         grid = engine.many(subset["A"], subset["b"], experiment.alpha_grid.tolist(), tol=1e-6,
                            max_iterations=243)  # fmt: skip
@@ -500,13 +498,11 @@ def test_psi_best_in_petsc_is_the_best_of_the_grid_solved_there(experiment, task
 @needs_dolfinx
 @pytest.mark.parametrize("engine", ["torch", "petsc"])
 def test_training_on_another_mesh_runs_on_sparse_matrices(engine, tmp_path, monkeypatch):
-    from femeta.problems import elasticity
     from femeta.solvers.sparse import SparseBatch
     from femeta.training import train
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(elasticity, "SPLIT_SIZES", {"train": 24, "validation": 8, "test": 8})
-    experiment = ElasticityIccg(cells=(6, 2, 2))
+    experiment = ElasticityIccg(cells=(6, 2, 2), splits=(24, 8, 8))
     train_tasks, validation = experiment.tasks("train", 0), experiment.tasks("validation", 0)
     assert isinstance(train_tasks["A"], SparseBatch) and train_tasks["A"].shape[1:] == (189, 189)
     psi = experiment.metasolver("nn", train_tasks)

@@ -221,3 +221,40 @@ def test_solve_under_mpiexec_assembles_on_both_ranks_and_prints_once(beam_run):
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and errors[0] == errors[1] and "W = 5" in errors[0], bad.stderr
+
+
+@pytest.mark.skipif("PMI_RANK" in os.environ, reason="launches mpiexec itself")
+def test_training_under_mpiexec_gives_the_serial_weights(tmp_path):
+    """Two ranks share the dataset's assembly and the PETSc solves: one dataset written,
+    one run written, and the weights of a serial run, bit for bit."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    train = [sys.executable, "-m", "femeta", "train", "elasticity", "--cells", "4", "2", "2",
+             "--splits", "24", "8", "8", "--epochs", "2", "--batch-size", "8", "--engine", "petsc",
+             "--smooth", "0.25", "--device", "cpu"]  # fmt: skip
+    runs = {}
+    for ranks in (1, 2):
+        cache, out = tmp_path / f"cache{ranks}", tmp_path / f"run{ranks}"
+        launch = [str(mpiexec), "-n", "2"] if ranks == 2 else []
+        environment = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+        result = subprocess.run([*launch, *train, "--out", str(out)], capture_output=True,
+                                text=True, timeout=600, env=environment)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("saved") == 1, result.stdout  # printed by rank 0 only
+        datasets = sorted(path.name for path in (cache / "femeta").glob("elasticity-*"))
+        runs[ranks] = (out, datasets)
+    (serial, serial_data), (shared, shared_data) = runs[1], runs[2]
+    assert serial_data == shared_data and len(serial_data) >= 3
+    for name in serial_data:
+        written = [(tmp_path / f"cache{ranks}" / "femeta" / name).read_bytes() for ranks in (1, 2)]
+        assert written[0] == written[1], name
+    assert (serial / "model.safetensors").read_bytes() == (
+        shared / "model.safetensors"
+    ).read_bytes()
+    history = [json.loads((run / "history.json").read_text()) for run in (serial, shared)]
+    for record in history:
+        for epoch in record:
+            epoch.pop("seconds", None)
+    assert history[0] == history[1]
+    assert sorted(path.name for path in shared.iterdir()) == sorted(
+        path.name for path in serial.iterdir()
+    )

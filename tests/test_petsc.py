@@ -1,8 +1,10 @@
-"""PetscIccg: kept systems, worker processes, and the same results either way."""
+"""PetscIccg and default_icc: kept systems, MPI ranks, and the same results either way.
+
+Every test runs serially and on every rank under ``mpiexec -n 2``.
+"""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import fields
 
 import numpy as np
@@ -15,6 +17,7 @@ from femeta.solvers.iccg import IccgResult
 
 pytestmark = [
     pytest.mark.dolfinx,
+    pytest.mark.mpi,
     pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx and petsc4py"),
 ]
 
@@ -83,7 +86,14 @@ def assert_identical(result: IccgResult, expected: IccgResult) -> None:
         assert torch.equal(getattr(result, field.name), getattr(expected, field.name)), field.name
 
 
-def test_workers_and_kept_systems_give_the_same_results():
+def world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def test_shared_and_kept_systems_give_the_same_results():
+    """On every rank, whichever rank solved a task (serially, the one rank)."""
     from femeta.solvers.petsc import PetscIccg
 
     A, b, alpha = systems()
@@ -92,11 +102,14 @@ def test_workers_and_kept_systems_give_the_same_results():
         expected.factorization_failed[1:].any()
     )
     assert bool(expected.converged[1:].all())
-    with PetscIccg(workers=3) as engine:
-        for _ in range(2):  # the second call finds every system kept, here and in the workers
+    with PetscIccg(world()) as engine:
+        for _ in range(2):  # the second call finds every system kept
             assert_identical(engine(A, b, alpha, tol=1e-10, max_iterations=40), expected)
             assert engine.cached == len(b)
-        # Another order and other shifts: the workers get other tasks than before.
+        # Each rank keeps the systems it solves, and only those.
+        kept = world().allgather(len(engine._solver.keys()))
+        assert sum(kept) == len(b) and max(kept) - min(kept) <= 1
+        # Another order and other shifts: the kept systems are found by content.
         order = torch.randperm(len(b), generator=torch.Generator().manual_seed(1))
         assert_identical(
             engine(A[order], b[order], 2 * alpha[order], tol=1e-10, max_iterations=40),
@@ -105,15 +118,15 @@ def test_workers_and_kept_systems_give_the_same_results():
 
 
 def test_several_shifts_in_one_round_equal_a_fresh_engine_at_each():
-    """Whichever process solves a task, and although each keeps one KSP per system:
-    task 0's IC(0) fails at the first shift, succeeds at the second, fails again."""
+    """Although each rank keeps one KSP per system: task 0's IC(0) fails at the first
+    shift, succeeds at the second, fails again."""
     from femeta.solvers.petsc import PetscIccg
 
     A, b, alpha = systems(batch=40)
     shifts = [alpha, torch.full_like(alpha, 0.5), alpha]
     expected = [fresh(A, b, shift) for shift in shifts]
     assert [bool(result.factorization_failed[0]) for result in expected] == [True, False, True]
-    with PetscIccg(workers=2) as engine:
+    with PetscIccg(world()) as engine:
         for _ in range(2):  # new systems, then kept ones
             results = engine.many(A, b, shifts, tol=1e-10, max_iterations=40)
             for result, reference in zip(results, expected, strict=True):
@@ -127,6 +140,16 @@ def test_several_shifts_in_one_round_equal_a_fresh_engine_at_each():
             engine.many(A, b, [alpha, -alpha], tol=1e-10, max_iterations=40)
 
 
+def test_the_shifts_are_rank_0_s():
+    """A rank whose shifts differ in the last bit still solves at rank 0's."""
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b, alpha = systems()
+    mine = alpha * (1 + 1e-15 * world().rank)
+    with PetscIccg(world()) as engine:
+        assert_identical(engine(A, b, mine, tol=1e-10, max_iterations=40), fresh(A, b, alpha))
+
+
 @pytest.mark.parametrize("change", ["value", "new entry"])
 def test_a_changed_matrix_is_not_taken_for_a_kept_one(change):
     """Same right-hand side and diagonal, one off-diagonal pair changed: solved anew."""
@@ -138,7 +161,7 @@ def test_a_changed_matrix_is_not_taken_for_a_kept_one(change):
     assert (A[3, row, column] == 0) == (change == "new entry")
     changed[3, row, column] = changed[3, column, row] = 0.5 * A[3, 0, 1]
     expected = fresh(changed, b, alpha)
-    with PetscIccg(workers=2) as engine:
+    with PetscIccg(world()) as engine:
         engine(A, b, alpha, tol=1e-10, max_iterations=40)
         result = engine(changed, b, alpha, tol=1e-10, max_iterations=40)
     assert_identical(result, expected)
@@ -151,7 +174,7 @@ def test_a_kept_system_with_another_pattern_is_solved_anew():
 
     A, b, alpha = systems()
     wider = (A != 0) | (A != 0).double().matrix_power(2).bool()
-    with PetscIccg(workers=2) as engine:
+    with PetscIccg(world()) as engine:
         plain = engine(A, b, alpha, tol=1e-10, max_iterations=40)
         result = engine(A, b, alpha, tol=1e-10, max_iterations=40, pattern=wider)
         again = engine(A, b, alpha, tol=1e-10, max_iterations=40)
@@ -167,53 +190,44 @@ def test_capacity_bounds_the_kept_systems():
 
     A, b, alpha = systems()
     other_A, other_b, _ = systems(seed=1)
-    with PetscIccg(workers=2, capacity=3) as engine:
+    with PetscIccg(world(), capacity=3) as engine:
         for matrices, rhs in ((A, b), (other_A, other_b), (A, b)):
             result = engine(matrices, rhs, alpha, tol=1e-10, max_iterations=40)
             assert engine.cached == 3
             assert_identical(result, fresh(matrices, rhs, alpha))
+        assert sum(world().allgather(len(engine._solver.keys()))) == 3
 
 
-def test_repeated_large_calls_finish():
-    """Two calls of 1000 systems on two processes. In the second every system is kept,
-    so parts go to a worker while it still answers another: unbounded, a part and an
-    answer each outgrow a socket's buffer and the two processes wait on each other."""
-    from femeta.solvers.petsc import PetscIccg
+def test_an_error_on_one_rank_is_raised_on_every_rank(monkeypatch):
+    """No rank waits for results that another will never send."""
+    from femeta.solvers import petsc
 
-    A, b = random_spd(8, sides=(8, 8, 4))  # 256 unknowns
-    A, b = A.repeat(125, 1, 1), b.repeat(125, 1) * torch.arange(1.0, 1001.0).unsqueeze(1)
-    alpha = torch.full((len(b),), 0.1, dtype=torch.float64)
-    engine = PetscIccg(workers=2)
-    results: list[IccgResult] = []
-    caller = threading.Thread(
-        target=lambda: results.extend(
-            engine(A, b, alpha, tol=1e-10, max_iterations=40) for _ in range(2)
-        ),
-        daemon=True,
-    )
-    caller.start()
-    caller.join(timeout=60)
-    engine.close()  # a hung call fails once its worker is gone
-    assert len(results) == 2, "the calls did not finish within 60 s"
-    assert_identical(results[1], results[0])
-    assert bool(results[0].converged.all())
+    A, b, alpha = systems()
+    original = petsc._aij
+    last = world().size - 1
+
+    def matrix(csr):
+        if world().rank == last:
+            raise RuntimeError("PETSc error on the last rank")
+        return original(csr)
+
+    monkeypatch.setattr(petsc, "_aij", matrix)
+    with petsc.PetscIccg(world()) as engine, pytest.raises(RuntimeError, match="the last rank"):
+        engine(A, b, alpha, tol=1e-10, max_iterations=40)
+    with pytest.raises(RuntimeError, match="the last rank"):
+        petsc.default_icc(A, b, tol=1e-10, max_iterations=40, comm=world())
 
 
 def test_bad_use_gets_a_clear_error():
     from femeta.solvers.petsc import PetscIccg
 
     for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
-            PetscIccg(workers=bad)
-    with pytest.raises(ValueError, match="capacity must be an integer >= 1"):
-        PetscIccg(capacity=0)
+        with pytest.raises(ValueError, match="capacity must be an integer >= 1"):
+            PetscIccg(capacity=bad)
     A, b, alpha = systems()
-    engine = PetscIccg(workers=2)
-    engine(A, b, alpha, tol=1e-10, max_iterations=40)
-    engine._children[0].process.kill()  # a worker that died, e.g. of lack of memory
-    with pytest.raises(RuntimeError, match=r"worker process .* exited"):
-        engine(A, b, alpha, tol=1e-10, max_iterations=40)
-    with pytest.raises(RuntimeError, match="closed"):  # no stale reply is ever read
+    engine = PetscIccg(world())
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
         engine(A, b, alpha, tol=1e-10, max_iterations=40)
 
 
@@ -222,7 +236,7 @@ def test_default_icc_shifts_only_where_ic0_of_a_breaks_down():
     from femeta.solvers.petsc import PetscIccg, default_icc
 
     A, b, _ = systems()
-    default = default_icc(A, b, tol=1e-10, max_iterations=40)
+    default = default_icc(A, b, tol=1e-10, max_iterations=40, comm=world())
     with PetscIccg() as engine:  # A + 1e-30 diag(A) rounds to A: IC(0) of A, shift type NONE
         unshifted = engine(A, b, 1e-30, tol=1e-10, max_iterations=40)
     assert bool(unshifted.factorization_failed[0]) and not bool(

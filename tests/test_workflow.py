@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from femeta.experiments import ElasticityIccg, available_cores
+from femeta.experiments import ElasticityIccg
 from femeta.workflow import (
     TrainOptions,
     build_experiment,
@@ -185,7 +185,7 @@ def test_a_beam_checkpoint_saved_without_its_pattern_resumes_with_values(tmp_pat
 
 
 def derivative_options(options):
-    return (options.smooth, options.engine, options.workers, options.inputs)
+    return (options.smooth, options.engine, options.inputs)
 
 
 def test_beams_train_with_the_best_known_settings_unless_told_otherwise():
@@ -194,19 +194,18 @@ def test_beams_train_with_the_best_known_settings_unless_told_otherwise():
             resolve_options(TrainOptions(problem="elasticity", **given), "cpu")
         )
 
-    cores = available_cores()
-    assert resolved() == (0.25, "petsc", cores, "invariant")
-    assert resolved(paper=True) == (0.0, "torch", 1, "paper")
+    assert resolved() == (0.25, "petsc", "invariant")
+    assert resolved(paper=True) == (0.0, "torch", "paper")
     # What is given wins, and what follows from it follows.
-    assert resolved(smooth=0.5) == (0.5, "petsc", cores, "invariant")
-    assert resolved(smooth=0.0) == (0.0, "torch", 1, "invariant")
-    assert resolved(clip=100.0) == (0.0, "torch", 1, "invariant")
-    assert resolved(engine="torch") == (0.25, "torch", 1, "invariant")
-    assert resolved(workers=1, inputs="paper") == (0.25, "petsc", 1, "paper")
-    assert resolved(paper=True, smooth=0.0, epochs=5) == (0.0, "torch", 1, "paper")
+    assert resolved(smooth=0.5) == (0.5, "petsc", "invariant")
+    assert resolved(smooth=0.0) == (0.0, "torch", "invariant")
+    assert resolved(clip=100.0) == (0.0, "torch", "invariant")
+    assert resolved(engine="torch") == (0.25, "torch", "invariant")
+    assert resolved(inputs="paper") == (0.25, "petsc", "paper")
+    assert resolved(paper=True, smooth=0.0, epochs=5) == (0.0, "torch", "paper")
     # A GPU keeps the torch solves.
     on_gpu = ElasticityIccg.recommended_options({}, torch.device("cuda"))
-    assert on_gpu == {"smooth": 0.25, "engine": "torch", "workers": 1, "inputs": "invariant"}
+    assert on_gpu == {"smooth": 0.25, "engine": "torch", "inputs": "invariant"}
     with pytest.raises(
         ValueError, match=r"drop --smooth 0\.25 and --engine petsc, or drop --paper"
     ):

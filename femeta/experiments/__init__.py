@@ -16,7 +16,6 @@ from femeta.experiments.base import (
     Experiment,
     Option,
     TrainDefaults,
-    available_cores,
     check_option,
     resolve_device,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "Poisson1DJacobi",
     "RobertsonNewtonSor",
     "TrainDefaults",
-    "available_cores",
     "check_option",
     "get_experiment",
     "register",

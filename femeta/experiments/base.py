@@ -10,9 +10,8 @@ one check of a value. :data:`EXPERIMENTS` is the registry, filled by
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
@@ -31,7 +30,6 @@ __all__ = [
     "Experiment",
     "Option",
     "TrainDefaults",
-    "available_cores",
     "check_option",
     "declared_option",
     "owners",
@@ -57,7 +55,9 @@ class Option:
     :meth:`Experiment.recommended_options`); ``shown`` is how help states it where
     that is not ``default``. ``choices`` (strings), ``minimum`` (integers) and
     ``positive``/``zero``/``finite`` (numbers) are what :func:`check_option`
-    allows; ``requirement`` is how its error states the allowed numbers.
+    allows; ``requirement`` is how its error states the allowed numbers. With
+    ``count``, the value is that many integers (``type`` must be ``int``), e.g. a
+    mesh's cells along three axes, each checked as above.
     ``evaluate`` is the help of ``femeta evaluate --NAME``, for a problem option
     that changes the test tasks of a saved model (``None``: no such flag).
     """
@@ -75,6 +75,7 @@ class Option:
     finite: bool = False
     requirement: str = "positive"
     evaluate: str | None = None
+    count: int | None = None
 
     @property
     def flag(self) -> str:
@@ -86,6 +87,8 @@ class Option:
         """The default as help states it."""
         if self.shown is not None:
             return self.shown
+        if isinstance(self.default, tuple):
+            return " ".join(map(str, self.default))
         return "none" if self.default is None else f"{self.default:g}" if isinstance(
             self.default, float
         ) else str(self.default)  # fmt: skip
@@ -96,6 +99,19 @@ def check_option(option: Option, value: Any) -> Any:
     name = option.name
     if value is None:
         return None
+    if option.count is not None:
+        if not isinstance(value, tuple | list) or len(value) != option.count:
+            raise ValueError(f"{name} must be {option.count} integers, got {value!r}")
+        single = replace(option, count=None)
+        for item in value:
+            try:
+                check_option(single, item)
+            except ValueError:
+                at_least = "" if option.minimum is None else f" >= {option.minimum}"
+                raise ValueError(
+                    f"{name} must be {option.count} integers{at_least}, got {value!r}"
+                ) from None
+        return tuple(value)
     if option.type is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")
@@ -156,7 +172,7 @@ class TrainDefaults:
 
 
 #: The paper's settings of the generic engine options, for an experiment with torch only.
-TORCH_ONLY: Mapping[str, Any] = MappingProxyType({"engine": TORCH, "workers": 1})
+TORCH_ONLY: Mapping[str, Any] = MappingProxyType({"engine": TORCH})
 
 
 class Experiment:
@@ -219,13 +235,11 @@ class Experiment:
         return str(cls.surrogate_cap)
 
     @classmethod
-    def check_options(
-        cls, values: Mapping[str, Any], engine: str | None = None, workers: int | None = None
-    ) -> None:
+    def check_options(cls, values: Mapping[str, Any], engine: str | None = None) -> None:
         """Check option values for this experiment: each value, then that it applies here.
 
-        ``engine`` and ``workers`` (``None``: not chosen yet) are checked with
-        :meth:`check_engine`. A subclass adds the checks of options together.
+        ``engine`` (``None``: not chosen yet) is checked with :meth:`check_engine`. A
+        subclass adds the checks of options together.
         """
         for name, value in values.items():
             check_option(cls.option(name) or declared_option(name), value)
@@ -236,12 +250,12 @@ class Experiment:
                 raise ValueError(
                     f"{cls.name} takes no option {name}: {flag} applies to {where} only"
                 )
-        if engine is not None or workers is not None:
-            cls.check_engine(engine, workers)
+        if engine is not None:
+            cls.check_engine(engine)
 
     @classmethod
-    def check_engine(cls, engine: str | None, workers: int | None) -> None:
-        """``engine`` must be one of :attr:`engines`; ``workers`` > 1 needs one besides torch."""
+    def check_engine(cls, engine: str | None) -> None:
+        """``engine`` must be one of :attr:`engines` (``None``: not chosen yet)."""
         if engine is not None and engine not in cls.engines:
             allowed = list(cls.engines)
             elsewhere = [e.label for e in EXPERIMENTS.values() if engine in e.engines]
@@ -253,23 +267,6 @@ class Experiment:
             raise ValueError(
                 f"unknown engine {engine!r}; engine must be one of {allowed} for {cls.name}"
             )
-        if workers is None:
-            return
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-        if workers > 1 and engine == TORCH:
-            others = [e for e in cls.engines if e != TORCH]
-            if others:
-                raise ValueError(
-                    f"workers must be 1, or more with --engine {' or '.join(others)} only, "
-                    f"got {workers}"
-                )
-            where = " and ".join(
-                f"{e.label} with --engine {' or '.join(x for x in e.engines if x != TORCH)}"
-                for e in EXPERIMENTS.values()
-                if len(e.engines) > 1
-            )
-            raise ValueError(f"--workers applies to {where or 'another engine than torch'} only")
 
     @classmethod
     def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -356,13 +353,13 @@ class Experiment:
 
     def objective(
         self, loss: str, m: int, tol: float | None, gain: float = 1.0, engine: str = TORCH,
-        workers: int = 1, **options: Any,
+        **options: Any,
     ) -> Objective:  # fmt: skip
         """L_m after exactly ``m`` iterations, or the surrogate with Phi_{tol,m}.
 
         ``options`` are the experiment's ``"objective"`` options; this one has none.
         """
-        self.check_options(options, engine, workers)
+        self.check_options(options, engine)
         squared = self.squared_error
         if loss == "m":
             return lambda psi, tasks: error_after_m(self.solve(psi, tasks, None, m), squared)
@@ -385,13 +382,6 @@ def paper_steps(epochs: int | None, batch_size: int, lr: float, seed: int) -> Tr
         milestones=tuple(sorted({epochs // 2, 3 * epochs // 4} - {0})),
         seed=seed,
     )
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

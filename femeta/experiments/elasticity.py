@@ -19,10 +19,10 @@ from femeta.experiments.base import (
     Experiment,
     Option,
     TrainDefaults,
-    available_cores,
 )
 from femeta.losses import error_after_m, icf_penalty, iteration_surrogate
 from femeta.metasolvers import ConstantShift, PetscDefaultShift, ShiftGrid, ShiftNet
+from femeta.parallel import on_root, world
 from femeta.problems.base import TaskSet
 from femeta.problems.elasticity import ElasticBeam, default_cache_dir
 from femeta.runs import tasks_digest
@@ -50,6 +50,27 @@ PAPER_GAMMA = 500.0
 #: The step of the smoothed derivative in log alpha that trains best (docs/results.md).
 RECOMMENDED_SMOOTH = 0.25
 
+CELLS = Option(
+    "cells",
+    int,
+    "hexahedra along the beam's length and the two sides of its section: 8 2 2 is the "
+    "paper's N = 243, 40 8 8 gives N = 9,963 and 80 16 16 N = 70,227. A model is trained "
+    "for one mesh (docs/results.md: the best shift moves with the mesh).",
+    default=(8, 2, 2),
+    minimum=1,
+    count=3,
+    evaluate="the beams' cells (the model's by default: a shift learned on one mesh is not "
+    "the best on another).",
+)
+SPLITS = Option(
+    "splits",
+    int,
+    "tasks in the training, validation and test sets (the paper's 1000 each; fewer keep "
+    "large meshes affordable).",
+    default=(1000, 1000, 1000),
+    minimum=1,
+    count=3,
+)
 IC_PATTERN = Option(
     "ic_pattern",
     str,
@@ -146,10 +167,10 @@ class ElasticityIccg(Experiment):
     engines: ClassVar[tuple[str, ...]] = ("torch", "petsc")
     #: The paper's training settings: its exact derivative in torch, its seven inputs.
     paper_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"smooth": 0.0, "engine": "torch", "workers": 1, "inputs": "paper"}
+        {"smooth": 0.0, "engine": "torch", "inputs": "paper"}
     )
     recommended_smooth: ClassVar[float] = RECOMMENDED_SMOOTH
-    options: ClassVar[tuple[Option, ...]] = (IC_PATTERN, INPUTS, CLIP, SMOOTH, GAMMA)
+    options: ClassVar[tuple[Option, ...]] = (CELLS, SPLITS, IC_PATTERN, INPUTS, CLIP, SMOOTH, GAMMA)
     #: Runs saved without these keys used each ``A``'s nonzeros and the paper's features.
     saved_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {"ic_pattern": "values", "inputs": "paper"}
@@ -160,7 +181,9 @@ class ElasticityIccg(Experiment):
         epochs=200, batch_size=128, lr=1e-3, m=125
     )
 
-    cells: tuple[int, int, int] = (8, 2, 2)
+    cells: tuple[int, int, int] = CELLS.default
+    #: Tasks in the training, validation and test splits.
+    splits: tuple[int, int, int] = SPLITS.default
     #: What IC(0) keeps: ``"stored"``, the entries DOLFINx's matrix stores (the
     #: default); ``"values"``, the nonzeros of each task's ``A`` (what runs saved
     #: without the key used).
@@ -170,16 +193,16 @@ class ElasticityIccg(Experiment):
     inputs: str = INPUTS.default
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: ElasticBeam = field(init=False, repr=False)
-    # One PETSc engine per worker count, shared by the objective and the monitor.
-    _engines: dict[int, _ShiftsSolver] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    # The PETSc engine (over the ranks of the MPI world), shared by the objective and the
+    # monitor; made on first use.
+    _engine: _ShiftsSolver | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.cells = tuple(self.cells)
+        self.splits = tuple(self.splits)
         self.check_params()
-        self.problem = ElasticBeam(self.cells)
+        self.problem = ElasticBeam(self.cells, splits=self.splits)
 
     @property
     def features(self) -> str:
@@ -209,14 +232,12 @@ class ElasticityIccg(Experiment):
         return "N"
 
     @classmethod
-    def check_options(
-        cls, values: Mapping[str, Any], engine: str | None = None, workers: int | None = None
-    ) -> None:
+    def check_options(cls, values: Mapping[str, Any], engine: str | None = None) -> None:
         """The checks of :class:`Experiment`, and of ``clip``, ``smooth`` and ``engine`` together.
 
         A ``smooth`` of 0 is the exact derivative; ``None``, not chosen yet.
         """
-        super().check_options(values, engine, workers)
+        super().check_options(values, engine)
         smooth = values.get("smooth")
         if values.get("clip") is not None and smooth:
             raise ValueError("give clip or smooth, not both: each replaces the exact derivative")
@@ -228,13 +249,13 @@ class ElasticityIccg(Experiment):
 
     @classmethod
     def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-        """The best known ``smooth``, ``engine``, ``workers`` and ``inputs``, where not ``given``.
+        """The best known ``smooth``, ``engine`` and ``inputs``, where not ``given``.
 
         The smoothed derivative (:attr:`recommended_smooth`; the exact one with a
         ``clip``), solved with PETSc on every core when training on the CPU (a
         CUDA device keeps the torch solves), and the invariant inputs. An option
         given is kept, and the others follow it: an exact derivative (``smooth=0``)
-        trains in torch, ``engine="torch"`` on one process.
+        trains in torch.
         """
         smooth = given.get("smooth")
         if smooth is None:
@@ -242,14 +263,16 @@ class ElasticityIccg(Experiment):
         engine = given.get("engine")
         if engine is None:
             engine = "petsc" if smooth > 0 and torch.device(device).type == "cpu" else "torch"
-        workers = given.get("workers")
-        if workers is None:
-            workers = available_cores() if engine == "petsc" else 1
         inputs = "invariant" if given.get("inputs") is None else given["inputs"]
-        return {"smooth": smooth, "engine": engine, "workers": workers, "inputs": inputs}
+        return {"smooth": smooth, "engine": engine, "inputs": inputs}
 
     def params(self) -> dict[str, Any]:
-        return {"cells": list(self.cells), "ic_pattern": self.ic_pattern, "inputs": self.inputs}
+        return {
+            "cells": list(self.cells),
+            "splits": list(self.splits),
+            "ic_pattern": self.ic_pattern,
+            "inputs": self.inputs,
+        }
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         return self.problem.split(split, seed).to(self.device)
@@ -328,7 +351,8 @@ class ElasticityIccg(Experiment):
             chosen = alpha
         if chosen is None:
             raise ValueError(f"IC(0) fails on some task even at alpha = {self.alpha_grid[-1]:g}")
-        write_atomic(path, json.dumps({"alpha": chosen, "ic_pattern": self.ic_pattern}).encode())
+        record = json.dumps({"alpha": chosen, "ic_pattern": self.ic_pattern}).encode()
+        on_root(world(), lambda: write_atomic(path, record))
         return chosen
 
     def solve(
@@ -343,7 +367,9 @@ class ElasticityIccg(Experiment):
             return self._best(metasolver.grid, tasks, tol, max_iterations, _torch_shifts, 1)
         if isinstance(metasolver, PetscDefaultShift):
             A = self.matrices(tasks["A"].to("cpu"))
-            result = default_icc(A, tasks["b"].cpu(), tol=tol, max_iterations=max_iterations)
+            result = default_icc(
+                A, tasks["b"].cpu(), tol=tol, max_iterations=max_iterations, comm=world()
+            )
             return IccgResult(*(getattr(result, f.name).to(self.device) for f in fields(result)))
         alpha = metasolver(tasks["features"])
         A = self.matrices(tasks["A"])
@@ -393,33 +419,33 @@ class ElasticityIccg(Experiment):
     @torch.no_grad()
     def stats(
         self, metasolver: nn.Module, tasks: TaskSet, tol: float, max_iterations: int,
-        engine: str = "torch", workers: int = 1,
+        engine: str = "torch",
     ) -> IterationStats:  # fmt: skip
         """L_eps per task: iterations of Phi_{tol, max_iterations} (unconverged: the cap).
 
         ``engine="petsc"`` solves a meta-solver's shifts with :class:`PetscIccg` over
-        ``workers`` processes, as training does with that engine; Psi_best's grid
+        the ranks of the MPI world, as training does with that engine; Psi_best's grid
         goes there in one round (PETSc's default shift has its own solve either way).
         """
-        self.check_engine(engine, workers)
+        self.check_engine(engine)
         if engine == "petsc" and isinstance(metasolver, ShiftGrid):
-            solve = self._petsc_solver(workers)
+            solve = self._petsc_solver()
             grid = metasolver.grid
             result = self._best(grid, tasks, tol, max_iterations, solve, len(grid))
         elif engine == "petsc" and not isinstance(metasolver, PetscDefaultShift):
             alpha = metasolver(tasks["features"])
-            solve = self._petsc_solver(workers)
+            solve = self._petsc_solver()
             A = self.matrices(tasks["A"])
             (result,) = solve(A, tasks["b"], [alpha], tol, max_iterations)
         else:
             result = self.solve(metasolver, tasks, tol, max_iterations)
         return IterationStats.from_result(result, tol, max_iterations)
 
-    def _petsc_solver(self, workers: int) -> _ShiftsSolver:
-        """The :class:`PetscIccg` of ``workers`` processes, its results on this device."""
-        if workers in self._engines:
-            return self._engines[workers]
-        engine = PetscIccg(workers)
+    def _petsc_solver(self) -> _ShiftsSolver:
+        """The :class:`PetscIccg` over the ranks of the MPI world, its results on this device."""
+        if self._engine is not None:
+            return self._engine
+        engine = PetscIccg(world())
 
         def solve(
             A: SparseBatch | Tensor, b: Tensor, alphas: list[Tensor], tol: float | None,
@@ -434,7 +460,7 @@ class ElasticityIccg(Experiment):
                 for result in results
             ]
 
-        self._engines[workers] = solve
+        self._engine = solve
         return solve
 
     def objective(
@@ -446,7 +472,6 @@ class ElasticityIccg(Experiment):
         clip: float | None = None,
         smooth: float | None = None,
         engine: str = "torch",
-        workers: int = 1,
         gamma: float | None = None,
     ) -> Objective:
         """``1_success L + gamma 1_fail L_ICF`` with L_m (relative residual) or the surrogate.
@@ -468,17 +493,17 @@ class ElasticityIccg(Experiment):
 
         ``engine`` runs those solves: ``"torch"`` (:func:`iccg`) or, with ``smooth``
         only, ``"petsc"`` (:class:`PetscIccg`, one KSP per task, faster on a CPU), over
-        ``workers`` processes; the results do not depend on ``workers``.
+        the ranks of the MPI world; the results do not depend on their number.
         """
         step = 0.0 if smooth is None else smooth  # None or 0: the exact derivative
-        self.check_options({"clip": clip, "smooth": step, "gamma": gamma}, engine, workers)
+        self.check_options({"clip": clip, "smooth": step, "gamma": gamma}, engine)
         if loss not in ("m", "surrogate"):
             raise ValueError(f"unknown loss {loss!r}; expected 'm' or 'surrogate'")
         if loss == "surrogate" and tol is None:
             raise ValueError("the surrogate loss needs a training tolerance (--tol)")
         smooth = step or None
         gamma = self.gamma if gamma is None else float(gamma)
-        solver = _torch_shifts if engine == "torch" else self._petsc_solver(workers)
+        solver = _torch_shifts if engine == "torch" else self._petsc_solver()
         stop_tol = None if loss == "m" else tol
 
         def solve_losses_at(tasks: TaskSet, shifts: list[Tensor]) -> list[_Solved]:

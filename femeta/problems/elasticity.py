@@ -31,12 +31,13 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
+from femeta.parallel import Comm, collective, on_root, world
 from femeta.problems.base import TaskSet, split_size_and_seed
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
 
-SPLIT_SIZES = {"train": 1000, "validation": 1000, "test": 1000}
+SPLITS = ("train", "validation", "test")
 PARAM_NAMES = ("W", "lambda", "mu", "rho")
 FEATURE_NAMES = (*PARAM_NAMES, "norm_1", "norm_inf", "norm_fro")
 # Format 2 stores the CSR pattern once and every task's values on it; format 1 files
@@ -67,6 +68,10 @@ class ElasticBeam:
         cache_dir: Where generated datasets and the stored pattern are kept;
             :func:`default_cache_dir` when omitted.
         cache: Whether to keep and reuse them on disk.
+        splits: Tasks in the training, validation and test splits (the paper's 1000).
+
+    Under ``mpiexec`` the ranks share the assembly of a dataset and all hold it;
+    rank 0 writes the cache.
     """
 
     name = "elasticity"
@@ -81,6 +86,7 @@ class ElasticBeam:
         material_range: tuple[float, float] = (0.1, 10.0),
         cache_dir: str | os.PathLike[str] | None = None,
         cache: bool = True,
+        splits: tuple[int, int, int] = (1000, 1000, 1000),
     ):
         if len(cells) != 3 or any(
             isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cells
@@ -92,7 +98,12 @@ class ElasticBeam:
         ):
             if not (0 < low <= high < math.inf):
                 raise ValueError(f"{label} must satisfy 0 < low <= high < inf, got {(low, high)}")
+        if len(splits) != 3 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits
+        ):
+            raise ValueError(f"splits must be three positive integers, got {splits!r}")
         self.cells = tuple(cells)
+        self.splits = dict(zip(SPLITS, splits, strict=True))
         self.width_range = (float(width_range[0]), float(width_range[1]))
         self.material_range = (float(material_range[0]), float(material_range[1]))
         if not cache:
@@ -164,15 +175,30 @@ class ElasticBeam:
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        comm = world()
         path = self._cache_path("tasks", count=count, seed=int(seed))
-        if path is not None and path.exists():
+        if comm.bcast(path is not None and path.exists(), root=0):
             return self._load(path)
         params = self.draw(count, seed)
-        A, b = self.assemble(params)
+        A, b = self._assemble_shared(params, comm)
         tasks = TaskSet({"A": A, "b": b, "params": params, "features": _features(params, A)})
         if path is not None:
-            self._store(path, tasks)
+            on_root(comm, lambda: self._store(path, tasks))
         return tasks
+
+    def _assemble_shared(self, params: Tensor, comm: Comm) -> tuple[SparseBatch, Tensor]:
+        """:meth:`assemble`, task ``k`` on rank ``k mod size``, the results sent to all."""
+        if comm.size == 1:
+            return self.assemble(params)
+        mine = list(range(comm.rank, len(params), comm.size))
+        A, b = collective(comm, lambda: self.assemble(params[mine]))
+        values = torch.empty(len(params), A.values.shape[1], dtype=torch.float64)
+        rhs = torch.empty(len(params), b.shape[1], dtype=torch.float64)
+        values[mine], rhs[mine] = A.values, b
+        for task in range(len(params)):
+            for row in (values[task], rhs[task]):
+                comm.Bcast(row.numpy(), root=task % comm.size)
+        return A.with_values(values), rhs
 
     def draw(self, count: int, seed: int) -> Tensor:
         """The parameters ``(count, 4)`` that :meth:`sample` assembles, without assembling."""
@@ -183,8 +209,8 @@ class ElasticBeam:
         return (low + uniform * (high - low)).exp()
 
     def split(self, name: str, seed: int) -> TaskSet:
-        """The ``train``, ``validation`` or ``test`` split (1000 tasks each, Appendix C.3)."""
-        return self.sample(*split_size_and_seed(name, seed, SPLIT_SIZES))
+        """The ``train``, ``validation`` or ``test`` split (of :attr:`splits` tasks)."""
+        return self.sample(*split_size_and_seed(name, seed, self.splits))
 
     def _cache_path(self, kind: str, **key: int) -> Path | None:
         """Where a dataset (``kind="tasks"``) or the stored pattern is cached, or ``None``."""

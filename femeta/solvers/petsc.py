@@ -1,27 +1,17 @@
 """ICCG(alpha) in PETSc (CG + ICC(0), one KSP per task) for systems that recur.
 
 Training solves the same tasks every epoch, only at other shifts. :class:`PetscIccg`
-keeps each system's CSR form, PETSc matrices and KSP between calls and finds them
-again by content; a new shift replaces only the preconditioning matrix's values, so
-PETSc redoes only the numeric factorization. It can spread a call's solves over
-worker processes, which take parts of the queue as they finish. A solve does the
-same arithmetic wherever it runs, so the results do not depend on ``workers``.
+keeps each system's PETSc matrices and KSP between calls and finds them again by
+content; a new shift replaces only the preconditioning matrix's values, so PETSc
+redoes only the numeric factorization. Under ``mpiexec`` it shares each call's
+tasks over the ranks of a communicator (mpi4py), and every rank gets every result.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import traceback
-import weakref
-from collections import OrderedDict, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from pathlib import Path
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,23 +19,14 @@ import torch
 from torch import Tensor
 
 from femeta._fenics import import_dolfinx
+from femeta.parallel import collective, merged
 from femeta.solvers.base import check_stopping
 from femeta.solvers.iccg import IccgResult, _check_alpha, _check_inputs, _check_pattern
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["PetscIccg", "default_icc", "petsc_iccg"]
 
-# Variables through which a process finds its MPI launcher. A worker drops them, so
-# that its MPI starts as a singleton instead of joining the parent's job.
-_LAUNCHER_VARIABLES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPIR_")
-# A worker: import this module from the parent's femeta and serve on the given socket.
-_WORKER = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from femeta.solvers.petsc import _serve; _serve(int(sys.argv[2]))"
-)
 _CPU = torch.device("cpu")
-# A generous bound on what a job adds to a part's message beside its arrays.
-_JOB_BYTES = 512
 
 
 def petsc_iccg(
@@ -65,97 +46,41 @@ def petsc_iccg(
     ordering, shift type ``NONE``, the unpreconditioned norm, ``rtol = tol``,
     ``atol = 0`` and a zero initial guess. PETSc flags only a zero pivot; a
     negative one surfaces in CG as an indefinite preconditioner, so both count as
-    a failed factorization. For systems solved again and again, or over several
-    processes, use :class:`PetscIccg`.
+    a failed factorization. For systems solved again and again, or over MPI ranks,
+    use :class:`PetscIccg`.
     """
     with PetscIccg() as engine:
         return engine(A, b, alpha, tol=tol, max_iterations=max_iterations, pattern=pattern)
 
 
-@dataclass(frozen=True)
-class _System:
-    """One task's ``A`` in CSR form (PETSc's index type), known to solvers by ``key``.
-
-    The CSR form stores the entries of a ``kept`` mask (the nonzeros, or a given
-    pattern with explicit zeros), which ICC(0) keeps.
-    """
-
-    key: int
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    # Where ``data`` sits in the flattened dense matrix, to check a cached system
-    # (``None`` for a system given in CSR form).
-    positions: np.ndarray | None
-
-    @classmethod
-    def from_dense(cls, key: int, dense: np.ndarray, kept: np.ndarray, index_type: Any) -> _System:
-        n = dense.shape[0]
-        rows, columns = np.nonzero(kept)
-        return cls(
-            key,
-            np.searchsorted(rows, np.arange(n + 1)).astype(index_type),
-            columns.astype(index_type),
-            dense[rows, columns],
-            rows * n + columns,
-        )
-
-    @classmethod
-    def from_csr(
-        cls, key: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, index_type: Any
-    ) -> _System:
-        return cls(key, indptr.astype(index_type), indices.astype(index_type), data.copy(), None)
-
-    @property
-    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.indptr, self.indices, self.data
-
-    def matches(self, dense: np.ndarray, kept: np.ndarray) -> bool:
-        """Whether ``dense``, stored on the mask ``kept``, is this very matrix."""
-        return (
-            self.positions is not None
-            and np.count_nonzero(kept) == self.data.size
-            and bool(kept.reshape(-1)[self.positions].all())
-            and np.array_equal(dense.reshape(-1)[self.positions], self.data)
-        )
-
-    def matches_csr(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> bool:
-        """Whether the CSR matrix ``(indptr, indices, data)`` is this very matrix."""
-        return (
-            self.positions is None
-            and np.array_equal(indptr, self.indptr)
-            and np.array_equal(indices, self.indices)
-            and np.array_equal(data, self.data)
-        )
-
-
 class PetscIccg:
-    """CG + ICC(0) solves in PETSc, the same as :func:`petsc_iccg`.
+    """CG + ICC(0) solves in PETSc, the same as :func:`petsc_iccg`, shared over MPI ranks.
 
-    Call it like :func:`petsc_iccg`, or with several shifts
-    through :meth:`many`. Each task's system is kept (the ``capacity`` most
-    recently used ones) and recognised in later calls by its right-hand side and
-    diagonal, then checked entry by entry, so a changed matrix is never mistaken
-    for a kept one. With ``workers > 1``, that many processes share each call's
-    tasks (this one and ``workers - 1`` others, started on the first call); each
-    keeps the systems it has been sent. :meth:`close`
-    stops them; so does leaving a ``with`` block, the end of the program, or an
-    error during a call (the engine is closed then).
+    Call it like :func:`petsc_iccg`, or with several shifts through :meth:`many`.
+    Each task's system (matrix, preconditioning matrix and KSP) is kept, the
+    ``capacity`` most recently used ones, and found again in later calls by the
+    digest of its CSR form, so a changed matrix is never mistaken for a kept one.
+
+    With a communicator of several ranks (``comm``, e.g. ``MPI.COMM_WORLD`` under
+    ``mpiexec``), every rank makes the same calls with the same systems; each
+    system is solved by one rank (the ``k``-th system seen, by rank ``k mod size``,
+    which keeps it), and every rank returns all the results. The shifts used are
+    rank 0's. A solve is serial PETSc arithmetic wherever it runs, so the results
+    do not depend on the number of ranks.
     """
 
-    def __init__(self, workers: int = 1, *, capacity: int = 4096) -> None:
-        for name, value in (("workers", workers), ("capacity", capacity)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        self.workers = workers
+    def __init__(self, comm: Any = None, *, capacity: int = 4096) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        import_dolfinx()
+        from mpi4py import MPI
+
+        self.comm = MPI.COMM_SELF if comm is None else comm
         self.capacity = capacity
-        self._systems: OrderedDict[bytes, _System] = OrderedDict()
+        self._keys: OrderedDict[bytes, int] = OrderedDict()
         self._next_key = 0
-        self._forget: list[int] = []
-        self._local = _Solver()
-        self._children: list[_Child] = []
+        self._solver = _Solver()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _stop_children, self._children)
 
     def __enter__(self) -> PetscIccg:
         return self
@@ -164,14 +89,15 @@ class PetscIccg:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker processes; the engine cannot solve afterwards."""
+        """Free the kept systems; the engine cannot solve afterwards."""
         self._closed = True
-        self._finalizer()
+        self._solver.forget(list(self._solver.keys()))
+        self._keys.clear()
 
     @property
     def cached(self) -> int:
-        """How many systems are kept."""
-        return len(self._systems)
+        """How many systems are kept (over all ranks)."""
+        return len(self._keys)
 
     def __call__(
         self, A: Tensor | SparseBatch, b: Tensor, alpha: Tensor | float, *, tol: float | None,
@@ -186,16 +112,13 @@ class PetscIccg:
     ) -> list[IccgResult]:  # fmt: skip
         """The results of the same systems at each of ``alphas``, solved in one round.
 
-        Each system is looked up once, and the processes share all the solves.
         ``pattern`` is the sparsity pattern that ICC(0) keeps for dense ``A``, as for
         :func:`~femeta.solvers.iccg.iccg` (default: the nonzeros of ``A``); a
         :class:`~femeta.solvers.sparse.SparseBatch` keeps its stored entries.
+        Collective over the engine's communicator.
         """
         if self._closed:
-            raise RuntimeError(
-                "this PetscIccg is closed (by close() or by an error in an earlier call); "
-                "create a new one to solve again"
-            )
+            raise RuntimeError("this PetscIccg is closed; create a new one to solve again")
         check_stopping(tol, max_iterations)
         if isinstance(alphas, Tensor | float | int):
             raise TypeError(
@@ -209,122 +132,61 @@ class PetscIccg:
         A, b, first, _ = _check_inputs(A, b, alphas[0], None, _CPU, torch.float64)
         others = [_check_alpha(alpha, len(b), _CPU, torch.float64) for alpha in alphas[1:]]
         rhs = b.numpy()
-        shifts = torch.stack([first, *others], dim=1).numpy()
-        import_dolfinx()
+        shifts = self.comm.bcast(torch.stack([first, *others], dim=1).numpy(), root=0)
         from petsc4py import PETSc
 
-        if isinstance(A, SparseBatch):
-            indptr, indices, values = A.indptr.numpy(), A.indices.numpy(), A.values.numpy()
-            diagonal = A.diagonal().numpy()
+        csr_of = _csr_forms(A, pattern, PETSc.IntType)
+        keys = [self._key(csr_of(task)) for task in range(len(rhs))]
+        mine = [task for task, key in enumerate(keys) if key % self.comm.size == self.comm.rank]
 
-            def system_of(task: int) -> _System:
-                return self._find_csr(
-                    indptr, indices, values[task], diagonal[task], rhs[task], PETSc.IntType
-                )
-        else:
-            kept = _check_pattern(pattern, A)
-            dense = A.numpy()
-            masks = dense != 0 if kept is None else kept.numpy()
+        def solve_mine() -> dict[int, list[tuple[np.ndarray, int, np.ndarray, int]]]:
+            jobs = [(keys[task], csr_of(task), rhs[task], shifts[task]) for task in mine]
+            return dict(zip(mine, self._solver.solve(jobs, tol, max_iterations), strict=True))
 
-            def system_of(task: int) -> _System:
-                return self._find(dense[task], masks[task], rhs[task], PETSc.IntType)
-
-        self._start()
-        forget, self._forget = self._forget, []
-        self._local.forget(forget)
-        for child in self._children:
-            child.forget(forget)
-        batch = rhs.shape[0]
-        tasks = deque(range(batch))
-        outcomes: dict[int, list[tuple[np.ndarray, int, np.ndarray, int]]] = {}
-
-        def feed(child: _Child) -> None:
-            """Send ``child`` parts of the queue's front until it holds two: smaller parts
-            as the queue runs out. While it holds one, a part stays within ``child.room``
-            (so it has no new systems): the busy worker may be blocked writing its
-            answer, and this process, blocked writing to it, would never read that answer.
-            """
-            while tasks and len(child.pending) < 2:
-                size = -(-len(tasks) // (4 * self.workers))
-                part, jobs, load = [], [], 8 * len(child.dropped)
-                while tasks and len(part) < size:
-                    task = tasks[0]
-                    system = system_of(task)
-                    new = system.key not in child.known
-                    load += _JOB_BYTES + rhs[task].nbytes + shifts[task].nbytes
-                    if child.pending and (new or load > child.room):
-                        break
-                    tasks.popleft()
-                    child.known.add(system.key)
-                    part.append(task)
-                    jobs.append((system.key, system.csr if new else None, rhs[task], shifts[task]))
-                if not part:
-                    return
-                child.send(part, (tol, max_iterations, jobs))
-
-        try:
-            # Each worker holds up to two parts, so that it need not wait for the next;
-            # this process solves one task at a time from the other end of the queue.
-            while tasks:
-                for child in self._children:
-                    while child.pending and child.ready():
-                        outcomes.update(child.receive())
-                    feed(child)
-                if tasks:
-                    task = tasks.pop()
-                    system = system_of(task)
-                    job = (system.key, system.csr, rhs[task], shifts[task])
-                    (outcomes[task],) = self._local.solve([job], tol, max_iterations)
-            for child in self._children:
-                while child.pending:
-                    outcomes.update(child.receive())
-            while len(self._systems) > self.capacity:
-                self._forget.append(self._systems.popitem(last=False)[1].key)
-        except BaseException:
-            self.close()  # a worker may still owe its reply: no later call may read it
-            raise
+        outcomes = merged(self.comm, collective(self.comm, solve_mine))
+        forget = []
+        while len(self._keys) > self.capacity:
+            forget.append(self._keys.popitem(last=False)[1])
+        self._solver.forget(forget)
         return [
-            _assemble([outcomes[task][k] for task in range(batch)], rhs, tol, max_iterations)
+            _assemble([outcomes[task][k] for task in range(len(rhs))], rhs, tol, max_iterations)
             for k in range(len(alphas))
         ]
 
-    def _start(self) -> None:
-        while len(self._children) < self.workers - 1:
-            self._children.append(_Child())
-
-    def _find(
-        self, dense: np.ndarray, kept: np.ndarray, rhs: np.ndarray, index_type: Any
-    ) -> _System:
-        """The kept system of one task, made (and kept) where there is none or it differs.
-
-        Systems beyond ``capacity`` are dropped by the caller once the call's are found.
-        """
-        name = rhs.tobytes() + np.diagonal(dense).tobytes()
-        system = self._systems.get(name)
-        if system is None or not system.matches(dense, kept):
-            if system is not None:
-                self._forget.append(system.key)
-            system = _System.from_dense(self._next_key, dense, kept, index_type)
+    def _key(self, csr: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+        """The key of the system ``csr``: its kept key, or a new one."""
+        digest = hashlib.blake2b(digest_size=20)
+        for array in csr:
+            digest.update(np.ascontiguousarray(array).view(np.uint8))
+        name = digest.digest()
+        if name not in self._keys:
+            self._keys[name] = self._next_key
             self._next_key += 1
-            self._systems[name] = system
-        self._systems.move_to_end(name)
-        return system
+        self._keys.move_to_end(name)
+        return self._keys[name]
 
-    def _find_csr(
-        self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, diagonal: np.ndarray,
-        rhs: np.ndarray, index_type: Any,
-    ) -> _System:  # fmt: skip
-        """:meth:`_find` for a matrix in CSR form."""
-        name = rhs.tobytes() + diagonal.tobytes()
-        system = self._systems.get(name)
-        if system is None or not system.matches_csr(indptr, indices, data):
-            if system is not None:
-                self._forget.append(system.key)
-            system = _System.from_csr(self._next_key, indptr, indices, data, index_type)
-            self._next_key += 1
-            self._systems[name] = system
-        self._systems.move_to_end(name)
-        return system
+
+def _csr_forms(
+    A: Tensor | SparseBatch, pattern: Tensor | None, index_type: Any
+) -> Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each task's ``A`` in CSR form (PETSc's index type) on the entries ICC(0) keeps:
+    a :class:`SparseBatch`'s stored ones, or dense ``A``'s ``pattern`` (default: its
+    nonzeros), explicit zeros included."""
+    if isinstance(A, SparseBatch):
+        indptr, indices = A.indptr.numpy().astype(index_type), A.indices.numpy().astype(index_type)
+        values = A.values.numpy()
+        return lambda task: (indptr, indices, values[task])
+    kept = _check_pattern(pattern, A)
+    dense = A.numpy()
+    masks = dense != 0 if kept is None else kept.numpy()
+    n = dense.shape[1]
+
+    def csr_of(task: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, columns = np.nonzero(masks[task])
+        indptr = np.searchsorted(rows, np.arange(n + 1)).astype(index_type)
+        return indptr, columns.astype(index_type), dense[task][rows, columns]
+
+    return csr_of
 
 
 def _assemble(
@@ -376,7 +238,10 @@ class _Solver:
     def __init__(self) -> None:
         self._systems: dict[int, _Kept] = {}
 
-    def forget(self, keys: list[int]) -> None:
+    def keys(self) -> list[int]:
+        return list(self._systems)
+
+    def forget(self, keys: Iterable[int]) -> None:
         for key in keys:
             kept = self._systems.pop(key, None)
             if kept is not None:
@@ -387,7 +252,7 @@ class _Solver:
         max_iterations: int,
     ) -> list[list[tuple[np.ndarray, int, np.ndarray, int]]]:  # fmt: skip
         """``(x, iterations, residual norms, reason)`` at each shift of each
-        ``(key, csr, rhs, alphas)``; ``csr`` may be ``None`` for a system given before.
+        ``(key, csr, rhs, alphas)``; a key given before keeps its system.
 
         ``P = A + alpha diag(A)`` on the stored entries of ``A`` (explicit zeros
         included) is the preconditioning matrix, with natural ordering, shift type
@@ -410,7 +275,8 @@ class _Kept:
     def __init__(self, key: int, csr: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         from petsc4py import PETSc
 
-        indptr, indices, _ = self.csr = csr
+        indptr, indices, data = csr
+        self.csr = (indptr, indices, data.copy())
         n = len(indptr) - 1
         self.on_diagonal = np.repeat(np.arange(n), np.diff(indptr)) == indices
         self.matrix = _aij(csr)
@@ -475,9 +341,9 @@ def _cg_icc(prefix: str, matrix: Any, preconditioning: Any) -> Any:
 
 def default_icc(
     A: Tensor | SparseBatch, b: Tensor, *, tol: float | None, max_iterations: int,
-    pattern: Tensor | None = None,
+    pattern: Tensor | None = None, comm: Any = None,
 ) -> IccgResult:  # fmt: skip
-    """CG + PETSc's ICC(0) of ``A`` with PETSc's default shift, one KSP per task, serial.
+    """CG + PETSc's ICC(0) of ``A`` with PETSc's default shift, one KSP per task.
 
     What a FEniCS script gets from ``-ksp_type cg -pc_type icc``: ICC's levels,
     ordering and shift type are left at PETSc's defaults (shift type
@@ -487,6 +353,8 @@ def default_icc(
     ``A``) or of its :class:`~femeta.solvers.sparse.SparseBatch`, the
     unpreconditioned norm, ``rtol = tol``, ``atol = 0`` and a zero initial guess.
     ``factorization_failed`` flags a breakdown that the shift did not prevent.
+    With ``comm`` (collective), task ``k`` is solved on rank ``k mod size`` and every
+    rank gets every result.
     """
     check_stopping(tol, max_iterations)
     if isinstance(A, SparseBatch) and pattern is not None:
@@ -494,143 +362,30 @@ def default_icc(
     A, b, _, _ = _check_inputs(A, b, 1.0, None, _CPU, torch.float64)
     rhs = b.numpy()
     import_dolfinx()
+    from mpi4py import MPI
     from petsc4py import PETSc
 
-    if isinstance(A, SparseBatch):
-        indptr, indices = A.indptr.numpy(), A.indices.numpy()
+    comm = MPI.COMM_SELF if comm is None else comm
+    csr_of = _csr_forms(A, pattern, PETSc.IntType)
 
-        def system_of(task: int) -> _System:
-            return _System.from_csr(task, indptr, indices, A.values[task].numpy(), PETSc.IntType)
-    else:
-        kept = _check_pattern(pattern, A)
-        dense = A.numpy()
-        masks = dense != 0 if kept is None else kept.numpy()
-
-        def system_of(task: int) -> _System:
-            return _System.from_dense(task, dense[task], masks[task], PETSc.IntType)
-
-    outcomes = []
-    for task in range(len(rhs)):
-        matrix = _aij(system_of(task).csr)
+    def solve(task: int) -> tuple[np.ndarray, int, np.ndarray, int]:
+        matrix = _aij(csr_of(task))
         ksp = _cg_icc(f"femeta_default_icc_{task}_", matrix, matrix)
         ksp.setTolerances(rtol=0.0 if tol is None else tol, atol=0.0, max_it=max_iterations)
         ksp.setConvergenceHistory(length=max_iterations + 1, reset=True)
         solution, right = matrix.createVecs()
         right.setArray(rhs[task])
         ksp.solve(right, solution)
-        outcomes.append((
+        outcome = (
             solution.getArray().copy(),
             ksp.getIterationNumber(),
             np.array(ksp.getConvergenceHistory()),
             int(ksp.getConvergedReason()),
-        ))  # fmt: skip
+        )
         for item in (ksp, solution, right, matrix):
             item.destroy()
-    return _assemble(outcomes, rhs, tol, max_iterations)
+        return outcome
 
-
-class _Child:
-    """A worker process and the systems it has been sent."""
-
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        # A part sent while the worker is busy stays under a quarter of the buffer.
-        self.room = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4
-        environment = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(_LAUNCHER_VARIABLES)
-        }
-        package_root = str(Path(__file__).resolve().parents[2])
-        with theirs:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, package_root, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                env=environment,
-            )
-        self.connection = Connection(ours.detach())
-        self.known: set[int] = set()
-        # The tasks of each part sent and not yet answered, oldest first.
-        self.pending: deque[list[int]] = deque()
-        # Keys dropped here and not yet sent to the worker.
-        self.dropped: list[int] = []
-
-    def forget(self, keys: list[int]) -> None:
-        """Drop ``keys``; the worker drops them with the next part it is sent."""
-        self.known.difference_update(keys)
-        self.dropped.extend(keys)
-
-    def send(self, part: list[int], message: tuple[Any, ...]) -> None:
-        """Send the jobs of the tasks ``part``, with the keys to drop first."""
-        forget, self.dropped = self.dropped, []
-        try:
-            self.connection.send((forget, *message))
-        except OSError as err:
-            raise self._died() from err
-        self.pending.append(part)
-
-    def ready(self) -> bool:
-        """Whether the answer to the oldest part has arrived."""
-        try:
-            return self.connection.poll()
-        except (EOFError, OSError) as err:
-            raise self._died() from err
-
-    def receive(self) -> dict[int, Any]:
-        """The outcomes of the oldest part, by task."""
-        try:
-            status, payload = self.connection.recv()
-        except (EOFError, OSError) as err:
-            raise self._died() from err
-        if status == "error":
-            raise RuntimeError(f"a PETSc worker process failed:\n{payload}")
-        return dict(zip(self.pending.popleft(), payload, strict=True))
-
-    def _died(self) -> RuntimeError:
-        try:
-            code = self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # it hung up but did not exit
-            self.process.kill()
-            code = self.process.wait()
-        return RuntimeError(
-            f"a PETSc worker process (pid {self.process.pid}) exited with code {code}; "
-            "its solves are lost. Check its error output above, or pass workers=1"
-        )
-
-    def stop(self) -> None:
-        self.connection.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _stop_children(children: list[_Child]) -> None:
-    while children:
-        children.pop().stop()
-
-
-def _serve(descriptor: int) -> None:
-    """A worker's loop: solve each message's jobs until the parent hangs up.
-
-    Ctrl-C reaches the whole process group; the parent handles it and hangs up.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import_dolfinx()
-    connection = Connection(descriptor)
-    solver = _Solver()
-    while True:
-        try:
-            forget, tol, max_iterations, jobs = connection.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            solver.forget(forget)
-            reply = ("ok", solver.solve(jobs, tol, max_iterations))
-        except Exception:
-            reply = ("error", traceback.format_exc())
-        try:
-            connection.send(reply)
-        except OSError:  # the parent stopped waiting for this reply
-            return
+    mine = range(comm.rank, len(rhs), comm.size)
+    outcomes = merged(comm, collective(comm, lambda: {task: solve(task) for task in mine}))
+    return _assemble([outcomes[task] for task in range(len(rhs))], rhs, tol, max_iterations)
