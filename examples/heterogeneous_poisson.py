@@ -15,7 +15,7 @@ PARAMETERS = {
     **{f"kappa{quadrant}": ("loguniform", 1.0, 1e4) for quadrant in range(4)},
     "wave": ("uniform", -1.0, 1.0),
 }
-SPLITS = {"train": 500, "validation": 100, "test": 100}
+SPLITS = {"train": 200, "validation": 50, "test": 100}
 
 
 def make(comm):
