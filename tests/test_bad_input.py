@@ -210,7 +210,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
             "0.25",
             "--out",
             tmp_path / "y",
-        ): "elasticity shift only",
+        ): "family shift only",
         (
             "train",
             "poisson1d",

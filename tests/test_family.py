@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import femeta
 from femeta import cli
 from femeta._fenics import has_dolfinx, import_dolfinx
 from femeta.problems.family import FamilyError, UserFamily, load_family
@@ -104,6 +105,8 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
     assert config["problem_params"] == {"family": family, "family_inputs": "all"}
     assert config["model"]["features"][:2] == ["kappa", "load"]
     assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
+    with pytest.raises(femeta.RunError, match="femeta evaluate family --model"):
+        femeta.load(out)  # it cannot turn parameters into the network's inputs
 
     model = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
     assert model["n_tasks"] == 8 and model["convergence_ratio"] == 1.0
