@@ -281,10 +281,9 @@ def run_training(
 ) -> tuple[Path, TrainResult]:  # fmt: skip
     """Train a new run (``options``) into ``out``, or continue the run in ``resume``."""
     if options is not None:
-        schedule = get_experiment(problem).train_config(
-            options.epochs, None, None, 0, paper=options.paper
-        )
-        set_total(schedule.epochs)
+        epochs = options.epochs
+        set_total(EXPERIMENTS[problem].train_set_up(options.paper).epochs if epochs is None
+                  else epochs)  # fmt: skip
         _, _, result = train_metasolver(options, out, on_epoch, checkpoint_seconds, monitor, device)
         return out, result
     _, _, result = resume_training(resume, problem, on_epoch, checkpoint_seconds, monitor, device)

@@ -231,7 +231,8 @@ class PetscDefaultShift(nn.Module):
 class ShiftNet(nn.Module):
     """Psi_nn of §4.2 / Appendix C.3: task features to a diagonal shift ``alpha``.
 
-    The features (all positive) are taken in log space, mapped by ``projection``
+    The features (all positive) are taken in log space (``log_inputs=False``: as
+    given, for features already on a suitable scale), mapped by ``projection``
     ``(k, inputs)`` when given (linear combinations of the logs, i.e. products
     and ratios of the features), and standardised with the statistics of the
     training tasks (:meth:`fit_inputs`; saved as buffers). An MLP (ReLU) gives
@@ -248,8 +249,10 @@ class ShiftNet(nn.Module):
         hidden: Sequence[int] = (128, 128),
         high: float = 1.0,
         projection: Tensor | None = None,
+        log_inputs: bool = True,
     ):
         super().__init__()
+        self.log_inputs = log_inputs
         if not (high > 0 and math.isfinite(high)):
             raise ValueError(f"high must be a positive finite number, got {high!r}")
         if projection is not None and (projection.dim() != 2 or projection.shape[1] != inputs):
@@ -267,7 +270,9 @@ class ShiftNet(nn.Module):
         self.register_buffer("projection", projection, persistent=False)
 
     def _logs(self, features: Tensor) -> Tensor:
-        logs = features.to(self.mean).log()
+        logs = features.to(self.mean)
+        if self.log_inputs:
+            logs = logs.log()
         return logs if self.projection is None else logs @ self.projection.T
 
     @torch.no_grad()

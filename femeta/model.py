@@ -249,6 +249,11 @@ def load(run_dir: str | Path) -> Model:
     config = read_config(run_dir)
     if config.get("metasolver", "nn") != "nn":
         raise RunError(f"{run_dir} does not hold a network (metasolver {config['metasolver']!r})")
+    if config.get("problem") == "family":
+        raise RunError(
+            f"{run_dir} holds a model of a family file, which femeta.load cannot apply; "
+            f"evaluate it with `femeta evaluate family --model {run_dir}`"
+        )
     try:
         weights = load_file(str(run_dir / WEIGHTS))
     except Exception as err:  # safetensors raises its own error type and OSError

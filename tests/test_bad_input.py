@@ -181,7 +181,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
         ("train", "elasticity", "--gamma", "0", "--out", tmp_path / "y"): "gamma must be",
         ("train", "elasticity", "--inputs", "all", "--out", tmp_path / "y"): "unknown inputs",
         ("train", "elasticity", "--gamma", "inf", "--out", tmp_path / "y"): "gamma must be",
-        ("train", "poisson1d", "--gamma", "100", "--out", tmp_path / "y"): "elasticity shift only",
+        ("train", "poisson1d", "--gamma", "100", "--out", tmp_path / "y"): "family shift only",
         (
             "train",
             "poisson1d",
@@ -208,7 +208,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, trained, invoke):
             "0.25",
             "--out",
             tmp_path / "y",
-        ): "elasticity shift only",
+        ): "family shift only",
         (
             "train",
             "poisson1d",

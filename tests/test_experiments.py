@@ -317,7 +317,7 @@ def test_clip_bounds_each_task_derivative_but_not_the_penalty(experiment, tasks)
     torch.testing.assert_close(psi.log_alpha.grad, expected)
     with pytest.raises(ValueError, match="clip must be positive"):
         experiment.objective("surrogate", 243, 1e-6, clip=0.0)
-    with pytest.raises(ValueError, match="elasticity shift only"):
+    with pytest.raises(ValueError, match="elasticity shift and the family shift only"):
         Poisson1DJacobi().objective("m", 5, None, clip=1.0)
 
 
@@ -368,7 +368,7 @@ def test_smooth_derivative_is_the_central_difference_of_the_solve_loss(
         experiment.objective("surrogate", 243, 1e-6, smooth=-1.0)
     with pytest.raises(ValueError, match="not both"):
         experiment.objective("surrogate", 243, 1e-6, clip=1.0, smooth=0.25)
-    with pytest.raises(ValueError, match="elasticity shift only"):
+    with pytest.raises(ValueError, match="elasticity shift and the family shift only"):
         Poisson1DJacobi().objective("m", 5, None, smooth=0.25)
     with pytest.raises(ValueError, match="needs --smooth"):
         experiment.objective("surrogate", 243, 1e-6, engine="petsc")
@@ -450,7 +450,7 @@ def test_robertson_objective_is_the_loss_of_the_solve(robertson):
         torch.testing.assert_close(surrogate, expected)
         error = robertson.objective("m", 5, None)(network, tasks)
         torch.testing.assert_close(error, robertson.solve(network, tasks, None, 5).final_error)
-    with pytest.raises(ValueError, match="elasticity shift only"):
+    with pytest.raises(ValueError, match="elasticity shift and the family shift only"):
         robertson.objective("m", 5, None, clip=1.0)
 
 

@@ -20,6 +20,7 @@ from femeta.experiments.base import (
     resolve_device,
 )
 from femeta.experiments.elasticity import IC_PATTERNS, ElasticityIccg
+from femeta.experiments.family import FamilyIccg
 from femeta.experiments.poisson1d import Poisson1DJacobi
 from femeta.experiments.robertson import RobertsonNewtonSor
 
@@ -29,6 +30,7 @@ __all__ = [
     "IC_PATTERNS",
     "ElasticityIccg",
     "Experiment",
+    "FamilyIccg",
     "Option",
     "Poisson1DJacobi",
     "RobertsonNewtonSor",
@@ -51,6 +53,7 @@ def register(experiment: type[Experiment]) -> type[Experiment]:
 register(Poisson1DJacobi)
 register(ElasticityIccg)
 register(RobertsonNewtonSor)
+register(FamilyIccg)
 
 #: The problem that :class:`~femeta.workflow.TrainOptions` trains when none is named.
 DEFAULT_PROBLEM = Poisson1DJacobi.name

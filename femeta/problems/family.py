@@ -1,0 +1,469 @@
+"""A family of problems defined outside femeta: a user's DOLFINx forms and distributions.
+
+A *family file* is a Python file (``path/to/family.py:make``) or an importable
+module (``package.module:make``) that declares
+
+- ``PARAMETERS``: a dict ``name -> (kind, low, high)`` with ``kind``
+  ``"uniform"`` or ``"loguniform"`` (``0 < low``), one entry per parameter;
+- optionally ``SPLITS``: a dict of the ``train``, ``validation`` and ``test``
+  task counts (default :data:`DEFAULT_SPLITS`);
+- the named function, called once with an MPI communicator, which returns a dict
+  with ``"a"`` (a symmetric positive definite bilinear UFL form), ``"L"`` (a
+  linear form), ``"bcs"`` (a list of Dirichlet conditions) and ``"parameters"``
+  (``name -> fem.Constant`` whose value a task sets, or a callable that applies a
+  task's value, e.g. by interpolating a field or moving the mesh).
+
+The forms are compiled once; each task sets the parameters and is assembled
+serially (``MPI.COMM_SELF``) on DOLFINx's stored pattern, symmetrised, with
+Dirichlet rows and columns replaced by identity and the conditions lifted into
+``b``. Datasets are cached on disk, keyed by the file's contents and function.
+Example: ``examples/heterogeneous_poisson.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from femeta._fenics import import_dolfinx
+from femeta._io import write_atomic
+from femeta.parallel import on_root, world
+from femeta.problems.base import TaskSet, split_size_and_seed
+from femeta.problems.elasticity import default_cache_dir
+from femeta.solvers.sparse import SparseBatch
+
+__all__ = [
+    "DEFAULT_SPLITS",
+    "MATRIX_FEATURES",
+    "Distribution",
+    "FamilyError",
+    "FamilySource",
+    "UserFamily",
+    "load_family",
+]
+
+#: Task counts of the splits when a family file declares no ``SPLITS``.
+DEFAULT_SPLITS = {"train": 500, "validation": 100, "test": 100}
+#: Statistics of each assembled ``A`` that Psi_nn may read beside the parameters (logs):
+#: the range of the diagonal over the rows without a Dirichlet condition, and two norms.
+MATRIX_FEATURES = ("log_diag_min", "log_diag_max", "log_norm_inf", "log_norm_fro")
+KINDS = ("uniform", "loguniform")
+# Format 1: CSR pattern once, the values, b, params and features of every task.
+_CACHE_FORMAT = 1
+
+
+class FamilyError(ValueError):
+    """A family file is missing, malformed, or its forms fail; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """The distribution of one parameter: uniform or log-uniform on ``[low, high]``."""
+
+    kind: str
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, name: str, value: Any, where: str) -> Distribution:
+        """``(kind, low, high)`` as a family file declares it, checked."""
+        usage = f'declare it as {name!r}: ("loguniform", 1.0, 1e4) or ("uniform", 0.0, 1.0)'
+        if not (isinstance(value, tuple | list) and len(value) == 3):
+            raise FamilyError(f"{where}: parameter {name!r} is {value!r}; {usage}")
+        kind, low, high = value
+        if kind not in KINDS:
+            raise FamilyError(
+                f"{where}: parameter {name!r} has kind {kind!r}; expected one of {list(KINDS)}"
+            )
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
+        if not numbers or not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise FamilyError(
+                f"{where}: parameter {name!r} needs finite bounds low < high, got {(low, high)}"
+            )
+        if kind == "loguniform" and low <= 0:
+            raise FamilyError(
+                f"{where}: parameter {name!r} is log-uniform and needs 0 < low, got {low!r}"
+            )
+        return cls(kind, float(low), float(high))
+
+    def draw(self, uniform: Tensor) -> Tensor:
+        """Samples, from samples ``uniform`` of the uniform distribution on ``[0, 1)``."""
+        bounds = torch.tensor([self.low, self.high], dtype=torch.float64)
+        low, high = self.transform(bounds)
+        return self.inverse(low + uniform * (high - low))
+
+    def transform(self, values: Tensor) -> Tensor:
+        """Values on the scale the distribution is uniform on: ``log`` for log-uniform."""
+        return values.log() if self.kind == "loguniform" else values
+
+    def inverse(self, values: Tensor) -> Tensor:
+        """The inverse of :meth:`transform`."""
+        return values.exp() if self.kind == "loguniform" else values
+
+
+@dataclass(frozen=True)
+class FamilySource:
+    """A loaded family file: what it declares and where it came from.
+
+    Attributes:
+        spec: ``FILE.py:FUNCTION`` with an absolute path, or ``MODULE:FUNCTION``.
+        label: ``FILE.py:FUNCTION`` as errors name it.
+        path: The file.
+        make: The function that builds the forms.
+        parameters: Each parameter's distribution, in the file's order.
+        splits: The task counts of ``train``, ``validation`` and ``test``.
+        digest: SHA-256 of the file's contents and the function's name.
+    """
+
+    spec: str
+    label: str
+    path: Path
+    make: Callable[[Any], Any]
+    parameters: dict[str, Distribution]
+    splits: dict[str, int]
+    digest: str
+
+    def fail(self, doing: str, err: BaseException) -> FamilyError:
+        """A :class:`FamilyError` for ``err``, raised while ``doing``, naming the file's line."""
+        where = _where(err, self.path, self.label)
+        first = (str(err).strip().splitlines() or [""])[0]
+        return FamilyError(f"{where}: {doing} failed: {type(err).__name__}: {first}")
+
+
+def load_family(spec: str) -> FamilySource:
+    """Load the family ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` and check its declarations."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise FamilyError(
+            f"family must be FILE.py:FUNCTION or MODULE:FUNCTION (e.g. family.py:make), "
+            f"got {spec!r}"
+        )
+    where, function = spec.split(":")
+    import_dolfinx()  # a family file imports DOLFINx: MPI first
+    if where.endswith(".py") or "/" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise FamilyError(f"family file {where} does not exist")
+        module = _import_file(path)
+        spec = f"{path}:{function}"
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise FamilyError(f"cannot import the family module {where!r}: {err}") from err
+        if getattr(module, "__file__", None) is None:
+            raise FamilyError(f"the family module {where!r} has no source file")
+        path = Path(module.__file__).resolve()
+    label = f"{path.name}:{function}"
+    make = getattr(module, function, None)
+    if not callable(make):
+        functions = sorted(name for name, value in vars(module).items()
+                           if callable(value) and getattr(value, "__module__", None)
+                           == module.__name__)  # fmt: skip
+        raise FamilyError(f"{path} defines no function {function!r}; its functions: {functions}")
+    declared = getattr(module, "PARAMETERS", None)
+    if not isinstance(declared, Mapping) or not declared:
+        raise FamilyError(
+            f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
+            'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e4)}'
+        )
+    parameters = {}
+    for name, value in declared.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise FamilyError(f"{path}: parameter names must be identifiers, got {name!r}")
+        parameters[name] = Distribution.parse(name, value, str(path))
+    splits = _splits(getattr(module, "SPLITS", DEFAULT_SPLITS), path)
+    digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
+    return FamilySource(spec, label, path, make, parameters, splits, digest)
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = "femeta_family_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    loader = importlib.util.spec_from_file_location(name, path)
+    if loader is None or loader.loader is None:
+        raise FamilyError(f"cannot load {path} as Python")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module  # dataclasses and pickling look a module up there
+    try:
+        loader.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        where = _where(err, path, str(path))
+        raise FamilyError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
+    return module
+
+
+def _where(err: BaseException, path: Path, otherwise: str) -> str:
+    """``FILE, line N``: the last line of ``path`` in ``err``'s traceback, or ``otherwise``."""
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    return f"{path}, line {lines[-1]}" if lines else otherwise
+
+
+def _splits(value: Any, path: Path) -> dict[str, int]:
+    if (
+        not isinstance(value, Mapping)
+        or set(value) != set(DEFAULT_SPLITS)
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
+        )
+    ):
+        raise FamilyError(
+            f"{path}: SPLITS must give integers >= 1 for exactly {list(DEFAULT_SPLITS)}, "
+            f"got {value!r}"
+        )
+    return {name: int(value[name]) for name in DEFAULT_SPLITS}
+
+
+class UserFamily:
+    """The task space of a family file: sampled, assembled with DOLFINx and cached.
+
+    Args:
+        source: The loaded family file (:func:`load_family`).
+        cache_dir: Where datasets are kept; :func:`default_cache_dir` when omitted.
+        cache: Whether to keep and reuse them on disk.
+    """
+
+    name = "family"
+
+    def __init__(
+        self, source: FamilySource, cache_dir: str | Path | None = None, cache: bool = True
+    ):
+        self.source = source
+        self.param_names = tuple(source.parameters)
+        self.feature_names = (*self.param_names, *MATRIX_FEATURES)
+        if not cache:
+            self.cache_dir = None
+        else:
+            self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        self._assembler: _Assembler | None = None
+
+    @property
+    def n(self) -> int:
+        """The unknowns of every task (compiles the forms on first use)."""
+        return self._forms().n
+
+    def _forms(self) -> _Assembler:
+        if self._assembler is None:
+            self._assembler = _Assembler(self.source)
+        return self._assembler
+
+    def draw(self, count: int, seed: int) -> Tensor:
+        """The parameters ``(count, P)`` of :meth:`sample`, in :attr:`param_names` order."""
+        generator = torch.Generator().manual_seed(int(seed))
+        uniform = torch.rand(count, len(self.param_names), generator=generator,
+                             dtype=torch.float64)  # fmt: skip
+        columns = [d.draw(uniform[:, i]) for i, d in enumerate(self.source.parameters.values())]
+        return torch.stack(columns, dim=1)
+
+    def sample(self, count: int, seed: int) -> TaskSet:
+        """Draw and assemble ``count`` tasks, deterministically from ``seed``.
+
+        Fields: ``A`` (a :class:`SparseBatch`), ``b`` ``(count, N)``, ``params``
+        ``(count, P)`` and ``features`` ``(count, P + 4)`` in the order of
+        :attr:`feature_names`: the parameters on the scale their distribution is
+        uniform on (log for log-uniform ones), then :data:`MATRIX_FEATURES`.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        comm = world()
+        path = self._cache_path(count, int(seed))
+        if comm.bcast(path is not None and path.exists(), root=0):
+            return self._load(path)
+        params = self.draw(count, seed)
+        A, b, constrained = self._forms()(params)
+        tasks = TaskSet(
+            {"A": A, "b": b, "params": params, "features": self._features(params, A, constrained)}
+        )
+        if path is not None:
+            on_root(comm, lambda: self._store(path, tasks))
+        return tasks
+
+    def split(self, name: str, seed: int) -> TaskSet:
+        """The ``train``, ``validation`` or ``test`` split, of the sizes the file declares."""
+        return self.sample(*split_size_and_seed(name, seed, self.source.splits))
+
+    def _features(self, params: Tensor, A: SparseBatch, constrained: Tensor) -> Tensor:
+        scaled = [d.transform(params[:, i]) for i, d in enumerate(self.source.parameters.values())]
+        diagonal = A.diagonal()[:, ~constrained]
+        norms = A.norms()
+        stats = [diagonal.amin(dim=1), diagonal.amax(dim=1), norms[:, 1], norms[:, 2]]
+        return torch.stack([*scaled, *(s.abs().clamp_min(1e-300).log() for s in stats)], dim=1)
+
+    def _cache_path(self, count: int, seed: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = {
+            "format": _CACHE_FORMAT,
+            "family": self.source.digest,
+            "parameters": {name: [d.kind, d.low, d.high]
+                           for name, d in self.source.parameters.items()},
+            "count": count,
+            "seed": seed,
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        stem = self.source.path.stem
+        return self.cache_dir / f"family-{stem}-{digest}.safetensors"
+
+    def _store(self, path: Path, tasks: TaskSet) -> None:
+        from safetensors.torch import save
+
+        A = tasks["A"]
+        fields = {"indptr": A.indptr, "indices": A.indices, "values": A.values}
+        fields |= {name: tasks[name] for name in ("b", "params", "features")}
+        write_atomic(path, save(fields))
+
+    def _load(self, path: Path) -> TaskSet:
+        from safetensors.torch import load_file
+
+        fields = load_file(path)
+        A = SparseBatch(fields.pop("indptr"), fields.pop("indices"), fields.pop("values"))
+        return TaskSet({"A": A, **fields})
+
+
+class _Assembler:
+    """The family's forms, compiled once on a serial mesh, and its stored pattern."""
+
+    def __init__(self, source: FamilySource):
+        import_dolfinx()
+        from dolfinx import fem, la
+        from mpi4py import MPI
+
+        self.fem = fem
+        self.source = source
+        try:
+            built = source.make(MPI.COMM_SELF)
+        except Exception as err:
+            raise source.fail("building the forms", err) from err
+        self.setters = self._setters(built)
+        try:
+            self.bilinear = built["a"] if isinstance(built["a"], fem.Form) else fem.form(built["a"])
+            self.linear = built["L"] if isinstance(built["L"], fem.Form) else fem.form(built["L"])
+        except Exception as err:
+            raise source.fail("compiling the forms", err) from err
+        self.bcs = list(built["bcs"])
+        if not all(isinstance(bc, fem.DirichletBC) for bc in self.bcs):
+            raise FamilyError(f"{source.label}: 'bcs' must be a list of dolfinx.fem.DirichletBC")
+        if self.bilinear.rank != 2 or self.linear.rank != 1:
+            raise FamilyError(
+                f"{source.label}: 'a' must be a bilinear and 'L' a linear form, got forms of "
+                f"rank {self.bilinear.rank} and {self.linear.rank}"
+            )
+        space = self.bilinear.function_spaces[0]
+        self.matrix = fem.create_matrix(self.bilinear, block_mode=la.BlockMode.expanded)
+        indptr, indices = self.matrix.indptr, self.matrix.indices
+        self.n = space.dofmap.index_map.size_local * space.dofmap.index_map_bs
+        self.nnz = int(indptr[self.n])
+        # The pattern in CSR order with sorted columns; ``order`` maps DOLFINx's data to it.
+        self.order = torch.from_numpy(
+            np.lexsort(
+                (indices[: self.nnz], np.repeat(np.arange(self.n), np.diff(indptr)[: self.n]))
+            )
+        )
+        self.pattern = SparseBatch(
+            torch.from_numpy(indptr[: self.n + 1].astype(np.int64)),
+            torch.from_numpy(indices[: self.nnz].astype(np.int64))[self.order],
+            torch.zeros(0, self.nnz, dtype=torch.float64),
+        )
+        try:
+            self.transposition = self.pattern.transposition()
+        except ValueError:
+            raise FamilyError(
+                f"{source.label}: the matrix's pattern is not symmetric; ICCG needs a symmetric "
+                "bilinear form with the same trial and test space"
+            ) from None
+        self.constrained = torch.zeros(self.n, dtype=torch.bool)
+        for bc in self.bcs:
+            dofs, owned = bc.dof_indices()
+            self.constrained[torch.from_numpy(dofs[:owned].astype(np.int64))] = True
+
+    def _setters(self, built: Any) -> dict[str, Callable[[float], None]]:
+        """How each parameter's value reaches the forms, checked against the distributions."""
+        source = self.source
+        keys = ("a", "L", "bcs", "parameters")
+        if not isinstance(built, Mapping) or set(keys) - set(built):
+            got = sorted(built) if isinstance(built, Mapping) else type(built).__name__
+            raise FamilyError(
+                f"{source.label} must return a dict with keys {list(keys)}, got {got}"
+            )
+        given = built["parameters"]
+        if not isinstance(given, Mapping):
+            raise FamilyError(f"{source.label}: 'parameters' must be a dict name -> fem.Constant")
+        for name in given:
+            if name not in source.parameters:
+                raise FamilyError(
+                    f"{source.label} uses parameter {name!r}, which PARAMETERS in {source.path} "
+                    f'does not declare; add e.g. {name!r}: ("uniform", 0.0, 1.0)'
+                )
+        for name in source.parameters:
+            if name not in given:
+                raise FamilyError(
+                    f"PARAMETERS in {source.path} declares {name!r}, but {source.label} returns "
+                    "no such entry in 'parameters'"
+                )
+        setters = {}
+        for name, target in given.items():
+            if isinstance(target, self.fem.Constant):
+                setters[name] = _constant_setter(target)
+            elif callable(target):
+                setters[name] = target
+            else:
+                raise FamilyError(
+                    f"{source.label}: parameter {name!r} must be a fem.Constant or a callable "
+                    f"taking the value, got {type(target).__name__}"
+                )
+        return setters
+
+    def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor, Tensor]:
+        """The matrices, right-hand sides and the constrained rows of tasks ``params``."""
+        fem, source = self.fem, self.source
+        count = params.shape[0]
+        values = torch.zeros(count, self.nnz, dtype=torch.float64)
+        b = torch.zeros(count, self.n, dtype=torch.float64)
+        vector = np.zeros(self.n)
+        for task, row in enumerate(params.tolist()):
+            for name, value in zip(self.setters, row, strict=True):
+                try:
+                    self.setters[name](value)
+                except Exception as err:
+                    raise source.fail(f"setting {name} = {value:g}", err) from err
+            try:
+                self.matrix.data[:] = 0.0
+                fem.assemble_matrix(self.matrix, self.bilinear, bcs=self.bcs, diag=1.0)
+                vector[:] = 0.0
+                fem.assemble_vector(vector, self.linear)
+                fem.apply_lifting(vector, [self.bilinear], bcs=[self.bcs])
+                for bc in self.bcs:
+                    bc.set(vector)
+            except Exception as err:
+                raise source.fail("assembling a task", err) from err
+            assembled = torch.from_numpy(self.matrix.data[: self.nnz])[self.order]
+            # Quadrature leaves A symmetric only up to rounding; IC(0) and CG expect it exact.
+            values[task] = 0.5 * (assembled + assembled[self.transposition])
+            b[task] = torch.from_numpy(vector[: self.n])
+            if not bool(b[task].any()):
+                shown = ", ".join(f"{k} = {v:g}" for k, v in zip(self.setters, row, strict=True))
+                raise FamilyError(
+                    f"{source.label}: the right-hand side is zero at {shown}; CG's relative "
+                    "residual needs b != 0"
+                )
+        return self.pattern.with_values(values), b, self.constrained
+
+
+def _constant_setter(constant: Any) -> Callable[[float], None]:
+    def set_value(value: float) -> None:
+        constant.value = value
+
+    return set_value

@@ -1,0 +1,189 @@
+"""A family of problems defined in a user's file: loaded, assembled, trained and evaluated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import femeta
+from femeta import cli
+from femeta._fenics import has_dolfinx, import_dolfinx
+from femeta.problems.family import FamilyError, UserFamily, load_family
+from femeta.solvers.iccg import iccg
+
+pytestmark = [
+    pytest.mark.dolfinx,
+    pytest.mark.skipif(not has_dolfinx(), reason="needs DOLFINx"),
+]
+if has_dolfinx():
+    import_dolfinx()  # before a test moves XDG_CACHE_HOME: the compiled forms stay cached
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "heterogeneous_poisson.py"
+
+FAMILY = """
+import numpy as np
+import ufl
+from dolfinx import default_scalar_type, fem, mesh
+
+PARAMETERS = {"kappa": ("loguniform", 1.0, 1e3), "load": ("uniform", 0.5, 2.0)}
+SPLITS = {"train": 24, "validation": 8, "test": 8}
+
+
+def make(comm):
+    msh = mesh.create_unit_square(comm, 6, 6)
+    space = fem.functionspace(msh, ("Lagrange", 1))
+    kappa = fem.Constant(msh, default_scalar_type(1.0))
+    load = fem.Constant(msh, default_scalar_type(1.0))
+    x = ufl.SpatialCoordinate(msh)
+    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+    k = ufl.conditional(ufl.lt(x[0], 0.5), kappa, 1.0)
+    dofs = fem.locate_dofs_geometrical(space, lambda p: np.isclose(p[0], 0.0))
+    bc = fem.dirichletbc(default_scalar_type(1.0), dofs, space)
+    return {
+        "a": k * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx,
+        "L": load * v * ufl.dx,
+        "bcs": [bc],
+        "parameters": {"kappa": kappa, "load": load},
+    }
+"""
+
+
+def write_family(directory: Path, text: str = FAMILY, name: str = "family.py") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def run(capsys, *args) -> str:
+    """``femeta ARGS`` in this process; its standard output."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 0, captured.err
+    return captured.out
+
+
+def test_tasks_are_drawn_from_the_seed_assembled_symmetric_and_cached(tmp_path):
+    source = load_family(f"{write_family(tmp_path)}:make")
+    assert source.splits == {"train": 24, "validation": 8, "test": 8}
+    first = UserFamily(source, cache_dir=tmp_path).sample(4, seed=3)
+    (cached,) = tmp_path.glob("family-family-*.safetensors")
+    again = UserFamily(load_family(f"{tmp_path / 'family.py'}:make"), cache_dir=tmp_path)
+    second = again.sample(4, seed=3)
+    assert again._assembler is None  # read from the cache, not assembled
+    assert cached.is_file() and torch.equal(first["A"].values, second["A"].values)
+    params = first["params"]
+    assert ((params[:, 0] >= 1) & (params[:, 0] <= 1e3)).all()
+    assert ((params[:, 1] >= 0.5) & (params[:, 1] <= 2)).all()
+    # Inputs: log kappa (log-uniform), the load as drawn, then log statistics of A.
+    assert torch.allclose(first["features"][:, 0], params[:, 0].log())
+    assert torch.equal(first["features"][:, 1], params[:, 1])
+    dense = first["A"].to_dense()
+    assert torch.equal(dense, dense.transpose(1, 2))
+    # The Dirichlet rows are identity rows, and b holds the boundary value 1 there.
+    constrained = (dense[0] == torch.eye(dense.shape[1], dtype=dense.dtype)).all(dim=1)
+    assert int(constrained.sum()) == 7 and (first["b"][:, constrained] == 1).all()
+    result = iccg(first["A"], first["b"], 0.01, tol=1e-8, max_iterations=100)
+    assert result.converged.all()
+    residual = first["A"].matvec(result.x) - first["b"]
+    assert (residual.norm(dim=1) / first["b"].norm(dim=1)).max() < 1e-7
+
+
+def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    family = f"{write_family(tmp_path)}:make"
+    out = tmp_path / "run"
+    said = run(capsys, "train", "family", "--family", family, "--epochs", 2, "--batch-size", 8,
+               "--out", out)  # fmt: skip
+    assert said.startswith(f"saved {out}: kept epoch")
+    config = json.loads((out / "config.json").read_text())
+    assert config["problem_params"] == {"family": family, "family_inputs": "all"}
+    assert config["model"]["features"][:2] == ["kappa", "load"]
+    assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
+    with pytest.raises(femeta.RunError, match="femeta evaluate family --model"):
+        femeta.load(out)  # it cannot turn parameters into the network's inputs
+
+    model = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
+    assert model["n_tasks"] == 8 and model["convergence_ratio"] == 1.0
+    means = {}
+    for baseline in ("base", "best", "petsc"):
+        said = run(capsys, "evaluate", "family", "--baseline", baseline, "--family", family,
+                   "--json")  # fmt: skip
+        summary = json.loads(said)
+        assert summary["n_tasks"] == 8 and summary["convergence_ratio"] == 1.0
+        means[baseline] = summary["mean_iterations"]
+    assert means["best"] <= min(means["base"], model["mean_iterations"])
+
+
+def test_the_example_family_assembles_on_a_small_mesh(tmp_path):
+    text = EXAMPLE.read_text()
+    assert "\nCELLS = 100\n" in text
+    path = write_family(tmp_path, text.replace("\nCELLS = 100\n", "\nCELLS = 8\n"), "poisson.py")
+    family = UserFamily(load_family(f"{path}:make"), cache=False)
+    tasks = family.sample(3, seed=0)
+    assert family.n == 81 and len(family.feature_names) == 5 + 4
+    result = iccg(tasks["A"], tasks["b"], 0.01, tol=1e-6, max_iterations=81)
+    assert result.converged.all()
+
+
+BROKEN = {
+    "a parameter the distributions lack": (
+        FAMILY.replace('"load": load}', '"load": load, "scale": kappa}'),
+        "uses parameter 'scale', which PARAMETERS in",
+    ),
+    "a declared parameter left unused": (
+        FAMILY.replace(', "load": load}', "}"),
+        "declares 'load', but family.py:make returns no such entry",
+    ),
+    "an error in the forms": (
+        FAMILY.replace("ufl.inner(ufl.grad(u), ufl.grad(v))", "ufl.inner(ufl.grad(u), v)"),
+        "family.py, line 21: building the forms failed: ValueError: Shapes do not match",
+    ),
+    "an error raised in make": (
+        FAMILY.replace("    x = ufl", "    x = undefined_name\n    y = ufl"),
+        "family.py, line 15: building the forms failed: NameError",
+    ),
+    "bounds out of order": (
+        FAMILY.replace('("uniform", 0.5, 2.0)', '("uniform", 2.0, 0.5)'),
+        "parameter 'load' needs finite bounds low < high, got (2.0, 0.5)",
+    ),
+    "a log-uniform range through zero": (
+        FAMILY.replace('("loguniform", 1.0, 1e3)', '("loguniform", 0.0, 1e3)'),
+        "parameter 'kappa' is log-uniform and needs 0 < low, got 0.0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_family_is_named_with_its_file_and_parameter(tmp_path, case):
+    text, expected = BROKEN[case]
+    path = write_family(tmp_path, text)
+    with pytest.raises(FamilyError) as raised:
+        UserFamily(load_family(f"{path}:make"), cache=False).sample(1, seed=0)
+    message = str(raised.value)
+    assert expected in message and "family.py" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("{dir}/missing.py:make", "family file {dir}/missing.py does not exist"),
+        ("{dir}/family.py:build", "family.py defines no function 'build'; its functions: ['make']"),
+        ("{dir}/family.py", "family must be FILE.py:FUNCTION or MODULE:FUNCTION"),
+    ],
+)
+def test_a_family_that_cannot_be_loaded_is_one_line_on_the_command_line(
+    tmp_path, capsys, spec, expected
+):
+    write_family(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["evaluate", "family", "--baseline", "base", "--family",
+                  spec.format(dir=tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert expected.format(dir=tmp_path) in err
