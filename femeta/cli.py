@@ -28,7 +28,7 @@ from femeta.experiments import (
     resolve_device,
 )
 from femeta.experiments.base import TORCH
-from femeta.parallel import share_cores, world
+from femeta.parallel import launcher_place, share_cores, world
 from femeta.training import EpochRecord, TrainResult
 from femeta.workflow import (
     GENERIC_OPTIONS,
@@ -825,16 +825,6 @@ def info_command() -> None:
         lines["dolfinx"] = f"not available ({err})"
     for key, value in lines.items():
         typer.echo(f"{key:9s} {value}")
-
-
-def launcher_place() -> tuple[int, int]:
-    """This process's rank and the number of ranks when started by mpiexec (MPICH,
-    Open MPI or PMIx), else ``(0, 1)``."""
-    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                       ("PMIX_RANK", "PMIX_SIZE")):  # fmt: skip
-        if rank in os.environ:
-            return int(os.environ[rank]), int(os.environ.get(size, "1"))
-    return 0, 1
 
 
 def problem_parameters(evaluate: bool) -> list[inspect.Parameter]:

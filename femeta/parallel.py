@@ -9,11 +9,12 @@ so that no rank waits for one that has given up.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Comm", "collective", "merged", "on_root", "share_cores", "world"]
+__all__ = ["Comm", "collective", "launcher_place", "merged", "on_root", "share_cores", "world"]
 
 #: An mpi4py communicator, or the serial stand-in of :func:`world`.
 Comm = Any
@@ -35,20 +36,28 @@ class _Serial:
         return None
 
 
+def launcher_place() -> tuple[int, int]:
+    """This process's rank and the number of ranks when started by mpiexec (MPICH,
+    Open MPI or PMIx), else ``(0, 1)``."""
+    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                       ("PMIX_RANK", "PMIX_SIZE")):  # fmt: skip
+        if rank in os.environ:
+            return int(os.environ[rank]), int(os.environ.get(size, "1"))
+    return 0, 1
+
+
 def world() -> Comm:
-    """``MPI.COMM_WORLD`` (a single process outside ``mpiexec``), or a serial stand-in
-    where mpi4py is not installed."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
+    """``MPI.COMM_WORLD`` under ``mpiexec``; else a serial stand-in that makes no MPI call
+    (a process forked from one, e.g. by a process pool, must not call MPI)."""
+    if launcher_place()[1] == 1:
         return _Serial()
+    from mpi4py import MPI
+
     return MPI.COMM_WORLD
 
 
 def share_cores(ranks: int) -> None:
     """Give torch this process's share of the cores when ``ranks`` processes run here."""
-    import os
-
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
