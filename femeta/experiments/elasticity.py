@@ -162,19 +162,6 @@ class ElasticityIccg(ShiftExperiment):
     def pattern_label(self) -> str:
         return self.ic_pattern
 
-    @property
-    def evaluation_cap(self) -> int:
-        """The paper's cap ``M = N`` (a failed or unconverged solve counts as ``M``)."""
-        return self.problem.n
-
-    @property
-    def surrogate_cap(self) -> int:
-        return self.problem.n
-
-    @classmethod
-    def shown_cap(cls) -> str:
-        return "N"
-
     @classmethod
     def check_options(cls, values: Mapping[str, Any], engine: str | None = None) -> None:
         """The checks of :class:`ShiftExperiment`, and of ``smooth`` and ``engine`` together.

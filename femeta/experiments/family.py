@@ -97,19 +97,6 @@ class FamilyIccg(ShiftExperiment):
             return list(MATRIX_FEATURES)
         return list(self.problem.feature_names)
 
-    @property
-    def evaluation_cap(self) -> int:
-        """``N``, as for the beams (a failed or unconverged solve counts as ``N``)."""
-        return self.problem.n
-
-    @property
-    def surrogate_cap(self) -> int:
-        return self.problem.n
-
-    @classmethod
-    def shown_cap(cls) -> str:
-        return "N"
-
     @classmethod
     def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         """The beams' smoothed derivative (the exact one with a ``clip``), in torch."""

@@ -117,6 +117,20 @@ class ShiftExperiment(Experiment):
         """Which entries IC(0) keeps, as Psi_base's cache names it."""
         return "stored"
 
+    @property
+    def evaluation_cap(self) -> int:
+        """The paper's cap ``M = N``, the problem's unknowns (a failed or unconverged solve
+        counts as ``M``)."""
+        return self.problem.n
+
+    @property
+    def surrogate_cap(self) -> int:
+        return self.problem.n
+
+    @classmethod
+    def shown_cap(cls) -> str:
+        return "N"
+
     def shift_network(self, train_tasks: TaskSet | None) -> nn.Module:
         """Psi_nn, its inputs standardised on ``train_tasks`` when given, on this device."""
         raise NotImplementedError

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TaskSet", "split_size_and_seed"]
+from femeta.solvers.sparse import SparseBatch
+
+__all__ = ["TaskSet", "split_size_and_seed", "stored_pattern"]
 
 
 class TaskSet:
@@ -54,3 +57,20 @@ def split_size_and_seed(name: str, seed: int, sizes: Mapping[str, int]) -> tuple
     offset = list(sizes).index(name)
     child = np.random.SeedSequence([int(seed), offset]).generate_state(1)[0]
     return sizes[name], int(child)
+
+
+def stored_pattern(matrix: Any, n: int) -> tuple[SparseBatch, Tensor]:
+    """The entries a serial DOLFINx ``la.MatrixCSR`` stores for its ``n`` owned rows, as an
+    empty :class:`~femeta.solvers.sparse.SparseBatch` with sorted columns, and the order
+    that maps the matrix's data onto that pattern (``data[:nnz][order]``)."""
+    indptr, indices = matrix.indptr, matrix.indices
+    nnz = int(indptr[n])
+    order = torch.from_numpy(
+        np.lexsort((indices[:nnz], np.repeat(np.arange(n), np.diff(indptr)[:n])))
+    )
+    pattern = SparseBatch(
+        torch.from_numpy(indptr[: n + 1].astype(np.int64)),
+        torch.from_numpy(indices[:nnz].astype(np.int64))[order],
+        torch.zeros(0, nnz, dtype=torch.float64),
+    )
+    return pattern, order

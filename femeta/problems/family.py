@@ -42,7 +42,7 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
-from femeta.problems.base import TaskSet, split_size_and_seed
+from femeta.problems.base import TaskSet, split_size_and_seed, stored_pattern
 from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.sparse import SparseBatch
 
@@ -363,20 +363,9 @@ class _Assembler:
             )
         space = self.bilinear.function_spaces[0]
         self.matrix = fem.create_matrix(self.bilinear, block_mode=la.BlockMode.expanded)
-        indptr, indices = self.matrix.indptr, self.matrix.indices
         self.n = space.dofmap.index_map.size_local * space.dofmap.index_map_bs
-        self.nnz = int(indptr[self.n])
-        # The pattern in CSR order with sorted columns; ``order`` maps DOLFINx's data to it.
-        self.order = torch.from_numpy(
-            np.lexsort(
-                (indices[: self.nnz], np.repeat(np.arange(self.n), np.diff(indptr)[: self.n]))
-            )
-        )
-        self.pattern = SparseBatch(
-            torch.from_numpy(indptr[: self.n + 1].astype(np.int64)),
-            torch.from_numpy(indices[: self.nnz].astype(np.int64))[self.order],
-            torch.zeros(0, self.nnz, dtype=torch.float64),
-        )
+        self.pattern, self.order = stored_pattern(self.matrix, self.n)
+        self.nnz = len(self.order)
         try:
             self.transposition = self.pattern.transposition()
         except ValueError:
