@@ -136,11 +136,12 @@ class PetscIccg:
         from petsc4py import PETSc
 
         csr_of = _csr_forms(A, pattern, PETSc.IntType)
-        keys = [self._key(csr_of(task)) for task in range(len(rhs))]
+        forms = [csr_of(task) for task in range(len(rhs))]
+        keys = [self._key(form) for form in forms]
         mine = [task for task, key in enumerate(keys) if key % self.comm.size == self.comm.rank]
 
         def solve_mine() -> dict[int, list[tuple[np.ndarray, int, np.ndarray, int]]]:
-            jobs = [(keys[task], csr_of(task), rhs[task], shifts[task]) for task in mine]
+            jobs = [(keys[task], forms[task], rhs[task], shifts[task]) for task in mine]
             return dict(zip(mine, self._solver.solve(jobs, tol, max_iterations), strict=True))
 
         outcomes = merged(self.comm, collective(self.comm, solve_mine))
