@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MPI_TESTS := tests/test_mpi.py tests/test_parallel.py tests/test_petsc.py
+MPI_TESTS := tests/test_mpi.py tests/test_parallel.py tests/test_petsc.py tests/test_fenics_api.py
 
 .PHONY: demo demo-table3 test test-serial test-mpi lint clean
 

@@ -37,6 +37,8 @@ from femeta.model import Model
 
 import_dolfinx()
 import dolfinx.fem.petsc  # noqa: E402
+import numpy as np  # noqa: E402
+from mpi4py import MPI  # noqa: E402
 from petsc4py import PETSc  # noqa: E402
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "ShiftedICC",
     "SolveReport",
     "configure",
+    "matrix_statistics",
     "reason_name",
     "set_icc",
 ]
@@ -340,12 +343,44 @@ def _predict(model: Model, ksp: PETSc.KSP, params: Mapping[str, Any], extrapolat
     params = dict(params)
     if model.needs_matrix:
         A, _ = ksp.getOperators()
-        params |= {
-            "norm_1": A.norm(PETSc.NormType.NORM_1),
-            "norm_inf": A.norm(PETSc.NormType.NORM_INFINITY),
-            "norm_fro": A.norm(PETSc.NormType.FROBENIUS),
-        }
+        params |= matrix_statistics(A, model.statistics)
     return model.predict(extrapolate=extrapolate, **params)
+
+
+def matrix_statistics(A: PETSc.Mat, names: tuple[str, ...]) -> dict[str, float]:
+    """The statistics of ``A`` a model reads (:attr:`~femeta.model.Model.statistics`).
+
+    ``norm_1``, ``norm_inf``, ``norm_fro``: PETSc's norms; ``diag_min``, ``diag_max``:
+    the range of ``|A_ii|`` over the rows with a nonzero off the diagonal (a Dirichlet
+    row, which assembly makes an identity row, has none). Collective on ``A``'s
+    communicator: every process gets the same numbers.
+    """
+    norms = {
+        "norm_1": PETSc.NormType.NORM_1,
+        "norm_inf": PETSc.NormType.NORM_INFINITY,
+        "norm_fro": PETSc.NormType.FROBENIUS,
+    }
+    values = {name: A.norm(norms[name]) for name in names if name in norms}
+    if {"diag_min", "diag_max"} & set(names):
+        values |= _diagonal_range(A)
+    return {name: values[name] for name in names}
+
+
+def _diagonal_range(A: PETSc.Mat) -> dict[str, float]:
+    start, _ = A.getOwnershipRange()
+    indptr, columns, entries = A.getValuesCSR()
+    rows = np.repeat(np.arange(start, start + len(indptr) - 1), np.diff(indptr))
+    off = (rows != columns) & (entries != 0)
+    coupled = np.zeros(len(indptr) - 1, dtype=bool)
+    coupled[rows[off] - start] = True
+    diagonal = np.abs(A.getDiagonal().array)
+    comm = A.comm.tompi4py()
+    if not comm.allreduce(bool(coupled.any()), op=MPI.LOR):
+        coupled[:] = True  # a diagonal matrix: every row counts
+    chosen = diagonal[coupled]
+    low = comm.allreduce(float(chosen.min()) if len(chosen) else np.inf, op=MPI.MIN)
+    high = comm.allreduce(float(chosen.max()) if len(chosen) else 0.0, op=MPI.MAX)
+    return {"diag_min": low, "diag_max": high}
 
 
 def _check_is_ksp(ksp: Any) -> None:

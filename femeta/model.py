@@ -31,6 +31,15 @@ FORMAT_VERSION = 2
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 #: Matrix statistics a model may read beside the parameters (from the assembled A).
 MATRIX_FEATURES = ("norm_1", "norm_inf", "norm_fro")
+#: The statistic of A behind each matrix feature: the beams read the norms, a family model
+#: their logs and the range of ``|diag(A)|`` over the rows coupled to others.
+STATISTICS = {
+    **{name: name for name in MATRIX_FEATURES},
+    "log_diag_min": "diag_min",
+    "log_diag_max": "diag_max",
+    "log_norm_inf": "norm_inf",
+    "log_norm_fro": "norm_fro",
+}
 
 
 class RunError(ValueError):
@@ -103,10 +112,15 @@ class Model:
         self._network: str = spec["network"]
         self._features: list[str] = list(spec["features"])
         ranges = {name: tuple(bounds) for name, bounds in spec.get("ranges", {}).items()}
+        # A family file's model: its inputs are the parameters on the scale of their
+        # distribution (log for log-uniform ones) and the logs of matrix statistics.
+        self._distributions: dict[str, tuple[str, float, float]] = {
+            name: (kind, float(low), float(high))
+            for name, (kind, low, high) in spec.get("distributions", {}).items()
+        }
+        bounds = ranges | {name: d[1:] for name, d in self._distributions.items()}
         self.parameters: dict[str, tuple[float, float] | None] = {
-            _argument(name): ranges.get(name)
-            for name in self._features
-            if name not in MATRIX_FEATURES
+            _argument(name): bounds.get(name) for name in self._features if name not in STATISTICS
         }
         self.predicts: str = {
             "ShiftNet": "alpha",
@@ -122,11 +136,17 @@ class Model:
         # Matrix statistics that no input reads need not be given (they enter as log 1 = 0).
         read = {name for item in self._inputs for name in item.coefficients}
         self._unread = {name for name in MATRIX_FEATURES if name not in read}
+        #: The statistics of the assembled A that :meth:`predict` needs beside the parameters.
+        self.statistics: tuple[str, ...] = tuple(
+            STATISTICS[name]
+            for name in self._features
+            if name in STATISTICS and name not in self._unread
+        )
 
     @property
     def needs_matrix(self) -> bool:
-        """Whether the network reads norms of the assembled matrix beside the parameters."""
-        return any(name in MATRIX_FEATURES and name not in self._unread for name in self._features)
+        """Whether the network reads statistics of the assembled matrix beside the parameters."""
+        return bool(self.statistics)
 
     def __repr__(self) -> str:
         names = ", ".join(self.parameters)
@@ -151,9 +171,12 @@ class Model:
         if self._network == "EigenbasisGuess":
             coefficients = _mlp(self._layers, features[None, :], "silu")[0]
             return coefficients @ self._weights["basis"].T
-        logs = np.log(np.maximum(features, 1e-30) if self._network == "NewtonSorNet"
-                      else features)  # fmt: skip
-        inputs = self._project(logs, params, extrapolate)
+        if self._distributions:
+            inputs = self._family_inputs(features, params, extrapolate)
+        else:
+            logs = np.log(np.maximum(features, 1e-30) if self._network == "NewtonSorNet"
+                          else features)  # fmt: skip
+            inputs = self._project(logs, params, extrapolate)
         mean, scale = self._weights["mean"], self._weights["scale"]
         standardised = (inputs - mean) / scale
         if self._network == "ShiftNet":
@@ -171,7 +194,8 @@ class Model:
 
     def _feature_vector(self, params: Mapping[str, Any]) -> np.ndarray:
         given = params
-        unknown = sorted(set(given) - set(self.parameters) - set(MATRIX_FEATURES))
+        statistics = set(self.statistics) | (set() if self._distributions else set(MATRIX_FEATURES))
+        unknown = sorted(set(given) - set(self.parameters) - statistics)
         if unknown:
             raise ValueError(
                 f"unknown parameter {unknown[0]!r} for this {self.problem} model; "
@@ -179,20 +203,16 @@ class Model:
             )
         values = []
         for name in self._features:
-            argument = _argument(name)
+            argument = STATISTICS.get(name) or _argument(name)
             if name in self._unread:
                 values.append(1.0)
                 continue
             if argument not in given:
-                what = "matrix statistic" if name in MATRIX_FEATURES else "parameter"
+                what = "matrix statistic" if name in STATISTICS else "parameter"
+                needs = f" and the statistics of A ({', '.join(self.statistics)})"
                 raise ValueError(
                     f"missing {what} {argument!r}: this {self.problem} model takes "
-                    f"{', '.join(self.parameters)}"
-                    + (
-                        " and the norms of A (norm_1, norm_inf, norm_fro)"
-                        if self.needs_matrix
-                        else ""
-                    )
+                    f"{', '.join(self.parameters)}{needs if self.needs_matrix else ''}"
                 )
             values.append(given[argument])
         if self._network == "EigenbasisGuess":
@@ -208,12 +228,34 @@ class Model:
         for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
             number = _number(value)
             floor = 0.0 if self._network == "NewtonSorNet" and name.startswith("y") else None
-            valid = math.isfinite(number) and (number >= 0 if floor is not None else number > 0)
+            if self._distributions.get(name, ("",))[0] == "uniform":
+                valid, kind = math.isfinite(number), "finite number"
+            else:
+                valid = math.isfinite(number) and (number >= 0 if floor is not None else number > 0)
+                kind = f"{'non-negative' if floor is not None else 'positive'} finite number"
             if not valid:
-                kind = "non-negative" if floor is not None else "positive"
-                raise ValueError(f"{_argument(name)} = {value!r} is not a {kind} finite number")
+                argument = STATISTICS.get(name) or _argument(name)
+                raise ValueError(f"{argument} = {value!r} is not a {kind}")
             vector[index] = number
         return vector
+
+    def _family_inputs(
+        self, values: np.ndarray, params: Mapping[str, Any], extrapolate: bool
+    ) -> np.ndarray:
+        """A family model's inputs: each parameter on its distribution's scale, logs of A's."""
+        inputs = np.empty(len(values))
+        for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
+            kind, low, high = self._distributions.get(name, ("loguniform", None, None))
+            if low is not None and not extrapolate:
+                margin = 1e-9 * max(1.0, abs(low), abs(high))
+                if not low - margin <= value <= high + margin:
+                    raise ValueError(
+                        f"{name} = {params[name]!r} is outside [{low:g}, {high:g}], the range "
+                        f"the model in {self.run_dir} was trained on; pass extrapolate=True to "
+                        "use it anyway"
+                    )
+            inputs[index] = math.log(value) if kind == "loguniform" else value
+        return inputs
 
     def _project(
         self, logs: np.ndarray, params: Mapping[str, Any], extrapolate: bool
@@ -249,11 +291,6 @@ def load(run_dir: str | Path) -> Model:
     config = read_config(run_dir)
     if config.get("metasolver", "nn") != "nn":
         raise RunError(f"{run_dir} does not hold a network (metasolver {config['metasolver']!r})")
-    if config.get("problem") == "family":
-        raise RunError(
-            f"{run_dir} holds a model of a family file, which femeta.load cannot apply; "
-            f"evaluate it with `femeta evaluate family --model {run_dir}`"
-        )
     try:
         weights = load_file(str(run_dir / WEIGHTS))
     except Exception as err:  # safetensors raises its own error type and OSError

@@ -105,8 +105,7 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
     assert config["problem_params"] == {"family": family, "family_inputs": "all"}
     assert config["model"]["features"][:2] == ["kappa", "load"]
     assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
-    with pytest.raises(femeta.RunError, match="femeta evaluate family --model"):
-        femeta.load(out)  # it cannot turn parameters into the network's inputs
+    check_the_script_api(out, family)
 
     model = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
     assert model["n_tasks"] == 8 and model["convergence_ratio"] == 1.0
@@ -118,6 +117,48 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
         assert summary["n_tasks"] == 8 and summary["convergence_ratio"] == 1.0
         means[baseline] = summary["mean_iterations"]
     assert means["best"] <= min(means["base"], model["mean_iterations"])
+
+
+def check_the_script_api(run_dir: Path, family: str) -> None:
+    """``femeta.load`` and ``configure`` give a script the shift the network gives a test task,
+    from the parameters and the statistics of the script's own PETSc matrix."""
+    from dolfinx import fem
+    from dolfinx.fem import petsc as dolfinx_petsc
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from femeta.fenics import configure
+    from femeta.workflow import load_metasolver
+
+    model = femeta.load(run_dir)
+    assert model.predicts == "alpha" and model.parameters == {
+        "kappa": (1.0, 1e3),
+        "load": (0.5, 2.0),
+    }
+    assert model.statistics == ("diag_min", "diag_max", "norm_inf", "norm_fro")
+    experiment, network = load_metasolver(run_dir, "family")
+    tasks = experiment.tasks("test", 0)
+    with torch.no_grad():
+        expected = network(tasks["features"])
+    built = load_family(family).make(MPI.COMM_SELF)
+    bilinear = fem.form(built["a"])
+    for task in range(3):
+        values = dict(zip(("kappa", "load"), tasks["params"][task].tolist(), strict=True))
+        for name, value in values.items():
+            built["parameters"][name].value = value
+        A = dolfinx_petsc.assemble_matrix(bilinear, bcs=built["bcs"])
+        A.assemble()
+        ksp = PETSc.KSP().create(MPI.COMM_SELF)
+        ksp.setOperators(A)
+        alpha = configure(ksp, model, **values).alpha
+        assert alpha == pytest.approx(float(expected[task]), rel=1e-9)
+        ksp.destroy()
+        A.destroy()
+    with pytest.raises(ValueError, match=r"kappa = 2000.0 is outside \[1, 1000\]"):
+        model.predict(kappa=2000.0, load=1.0, diag_min=1.0, diag_max=2.0, norm_inf=3.0,
+                      norm_fro=4.0)  # fmt: skip
+    with pytest.raises(ValueError, match="missing matrix statistic 'norm_fro'"):
+        model.predict(kappa=2.0, load=1.0, diag_min=1.0, diag_max=2.0, norm_inf=3.0)
 
 
 def test_the_example_family_assembles_on_a_small_mesh(tmp_path):

@@ -341,3 +341,43 @@ def test_a_matrix_set_after_configure_is_the_one_solved(assemble_beam):
     switched = solver.solve(slender.b, slender.b.duplicate())
     fresh = configure(cg_ksp(slender.A), 0.5).solve(slender.b, slender.b.duplicate())
     assert switched.converged and switched.iterations == fresh.iterations > 0
+
+
+def poisson_matrix(comm):
+    """A Dirichlet Poisson matrix with a jump in its coefficient, assembled on ``comm``, and
+    its mesh (which holds the communicator the matrix lives on)."""
+    import ufl
+    from dolfinx import default_scalar_type, fem, mesh
+    from dolfinx.fem import petsc as dolfinx_petsc
+
+    msh = mesh.create_unit_square(comm, 8, 8)
+    space = fem.functionspace(msh, ("Lagrange", 1))
+    x = ufl.SpatialCoordinate(msh)
+    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+    kappa = ufl.conditional(ufl.lt(x[0], 0.5), 30.0, 7.0)
+    dofs = fem.locate_dofs_geometrical(space, lambda p: np.isclose(p[0], 0.0))
+    bc = fem.dirichletbc(default_scalar_type(0.0), dofs, space)
+    form = fem.form(kappa * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx)
+    A = dolfinx_petsc.assemble_matrix(form, bcs=[bc])
+    A.assemble()
+    return A, msh
+
+
+@pytest.mark.mpi
+def test_matrix_statistics_are_those_training_reads_on_any_number_of_ranks():
+    from femeta.fenics import matrix_statistics
+    from femeta.problems.family import diagonal_range
+    from femeta.solvers.sparse import SparseBatch
+
+    names = ("diag_min", "diag_max", "norm_1", "norm_inf", "norm_fro")
+    A, _mesh = poisson_matrix(MPI.COMM_WORLD)
+    shared = matrix_statistics(A, names)
+    serial, _serial_mesh = poisson_matrix(MPI.COMM_SELF)
+    alone = matrix_statistics(serial, names)
+    assert shared == pytest.approx(alone, rel=1e-12)
+    # Training reads the same range of |diag(A)|, off the Dirichlet rows (which hold 1).
+    low, high = diagonal_range(SparseBatch.from_petsc([serial]))
+    assert (alone["diag_min"], alone["diag_max"]) == pytest.approx((float(low), float(high)))
+    assert alone["diag_min"] >= 7.0 and alone["diag_max"] >= 4 * 30.0
+    A.destroy()
+    serial.destroy()

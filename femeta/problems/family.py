@@ -59,11 +59,12 @@ __all__ = [
 #: Task counts of the splits when a family file declares no ``SPLITS``.
 DEFAULT_SPLITS = {"train": 500, "validation": 100, "test": 100}
 #: Statistics of each assembled ``A`` that Psi_nn may read beside the parameters (logs):
-#: the range of the diagonal over the rows without a Dirichlet condition, and two norms.
+#: the range of the diagonal over the rows coupled to others (Dirichlet rows, which assembly
+#: makes identity rows, are not), and two norms. A script computes them from its matrix alone.
 MATRIX_FEATURES = ("log_diag_min", "log_diag_max", "log_norm_inf", "log_norm_fro")
 KINDS = ("uniform", "loguniform")
-# Format 1: CSR pattern once, the values, b, params and features of every task.
-_CACHE_FORMAT = 1
+# Format 2: CSR pattern once, the values, b, params and features of every task.
+_CACHE_FORMAT = 2
 
 
 class FamilyError(ValueError):
@@ -283,10 +284,8 @@ class UserFamily:
         if comm.bcast(path is not None and path.exists(), root=0):
             return self._load(path)
         params = self.draw(count, seed)
-        A, b, constrained = self._forms()(params)
-        tasks = TaskSet(
-            {"A": A, "b": b, "params": params, "features": self._features(params, A, constrained)}
-        )
+        A, b = self._forms()(params)
+        tasks = TaskSet({"A": A, "b": b, "params": params, "features": self._features(params, A)})
         if path is not None:
             on_root(comm, lambda: self._store(path, tasks))
         return tasks
@@ -295,11 +294,11 @@ class UserFamily:
         """The ``train``, ``validation`` or ``test`` split, of the sizes the file declares."""
         return self.sample(*split_size_and_seed(name, seed, self.source.splits))
 
-    def _features(self, params: Tensor, A: SparseBatch, constrained: Tensor) -> Tensor:
+    def _features(self, params: Tensor, A: SparseBatch) -> Tensor:
         scaled = [d.transform(params[:, i]) for i, d in enumerate(self.source.parameters.values())]
-        diagonal = A.diagonal()[:, ~constrained]
+        low, high = diagonal_range(A)
         norms = A.norms()
-        stats = [diagonal.amin(dim=1), diagonal.amax(dim=1), norms[:, 1], norms[:, 2]]
+        stats = [low, high, norms[:, 1], norms[:, 2]]
         return torch.stack([*scaled, *(s.abs().clamp_min(1e-300).log() for s in stats)], dim=1)
 
     def _cache_path(self, count: int, seed: int) -> Path | None:
@@ -373,10 +372,6 @@ class _Assembler:
                 f"{source.label}: the matrix's pattern is not symmetric; ICCG needs a symmetric "
                 "bilinear form with the same trial and test space"
             ) from None
-        self.constrained = torch.zeros(self.n, dtype=torch.bool)
-        for bc in self.bcs:
-            dofs, owned = bc.dof_indices()
-            self.constrained[torch.from_numpy(dofs[:owned].astype(np.int64))] = True
 
     def _setters(self, built: Any) -> dict[str, Callable[[float], None]]:
         """How each parameter's value reaches the forms, checked against the distributions."""
@@ -415,8 +410,8 @@ class _Assembler:
                 )
         return setters
 
-    def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor, Tensor]:
-        """The matrices, right-hand sides and the constrained rows of tasks ``params``."""
+    def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
+        """The matrices and right-hand sides of tasks ``params``."""
         fem, source = self.fem, self.source
         count = params.shape[0]
         values = torch.zeros(count, self.nnz, dtype=torch.float64)
@@ -448,7 +443,19 @@ class _Assembler:
                     f"{source.label}: the right-hand side is zero at {shown}; CG's relative "
                     "residual needs b != 0"
                 )
-        return self.pattern.with_values(values), b, self.constrained
+        return self.pattern.with_values(values), b
+
+
+def diagonal_range(A: SparseBatch) -> tuple[Tensor, Tensor]:
+    """The least and largest ``|A_ii|`` of each matrix over its rows coupled to others.
+
+    Rows without a nonzero off the diagonal (Dirichlet rows) are left out, unless no row
+    of a matrix is coupled.
+    """
+    diagonal, coupled = A.diagonal().abs(), A.coupled()
+    coupled |= ~coupled.any(dim=1, keepdim=True)
+    low = torch.where(coupled, diagonal, torch.inf).amin(dim=1)
+    return low, torch.where(coupled, diagonal, 0.0).amax(dim=1)
 
 
 def _constant_setter(constant: Any) -> Callable[[float], None]:

@@ -191,6 +191,14 @@ class SparseBatch:
         out[:, rows[on]] = self.values[:, on]
         return out
 
+    def coupled(self) -> Tensor:
+        """Whether each row has a nonzero entry off the diagonal, ``(B, N)`` (a Dirichlet
+        row that assembly replaced by the identity has none)."""
+        rows = self.rows()
+        off = (self.values[:, rows != self.indices] != 0).to(self.values.dtype)
+        counts = off.new_zeros(self.shape[:2]).index_add_(1, rows[rows != self.indices], off)
+        return counts > 0
+
     def to_dense(self) -> Tensor:
         """The matrices as a dense ``(B, N, N)`` tensor (small systems only)."""
         out = self.values.new_zeros(self.shape)
