@@ -71,10 +71,12 @@ def default_icc(A: PETSc.Mat, b: PETSc.Vec, rtol: float, max_iterations: int) ->
 
 
 def gamg(
-    A: PETSc.Mat, b: PETSc.Vec, rtol: float, max_iterations: int, near_nullspace: Any
+    A: PETSc.Mat, b: PETSc.Vec, rtol: float, max_iterations: int, near_nullspace: Any = None
 ) -> Outcome:
-    """CG + PETSc's GAMG with ``near_nullspace`` (e.g. :func:`rigid_body_modes`)."""
-    A.setNearNullSpace(near_nullspace)
+    """CG + PETSc's GAMG, with ``near_nullspace`` when given (e.g. :func:`rigid_body_modes`;
+    GAMG's default, the constants, suits scalar problems)."""
+    if near_nullspace is not None:
+        A.setNearNullSpace(near_nullspace)
     ksp = _ksp("gamg", A, rtol, max_iterations)
     ksp.getPC().setType(PETSc.PC.Type.GAMG)
     return _run("gamg", ksp, A, b)

@@ -82,3 +82,58 @@ def test_cantilever_example_under_mpiexec(beam_run):
     assert int(printed["femeta"][0]) > 0
     iterations, reason, _ = printed["default"]
     assert int(iterations) > 0 and reason.startswith("CONVERGED")
+
+
+@needs_dolfinx
+def test_a_family_model_in_a_script_gives_one_shift_on_any_number_of_ranks(tmp_path, capsys):
+    from femeta import cli
+
+    text = (EXAMPLES / "anisotropic_poisson.py").read_text()
+    for old, new in (("\nCELLS = 100\n", "\nCELLS = 12\n"),
+                     ('"train": 200, "validation": 50, "test": 100', '"train": 16, '
+                      '"validation": 4, "test": 4')):  # fmt: skip
+        assert old in text
+        text = text.replace(old, new)
+    family = tmp_path / "aniso.py"
+    family.write_text(text)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "family", "--family", f"{family}:make", "--epochs", "2",
+                  "--batch-size", "8", "--out", str(run), "--no-monitor"])  # fmt: skip
+    assert stopped.value.code == 0, capsys.readouterr().err
+    task = ["kappa0=1", "kappa1=10", "kappa2=100", "kappa3=1000", "theta=0.7", "eps=0.01",
+            "wave=0.3"]  # fmt: skip
+    printed = []
+    for processes in (1, 2):
+        command = [sys.executable, str(EXAMPLES / "family_script.py"), "--model", str(run),
+                   "--family", str(family), *task]  # fmt: skip
+        if processes > 1:
+            command = [str(Path(sys.executable).parent / "mpiexec"), "-n", "2", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"unknowns: 169 on {processes} process(es)" in result.stdout
+        assert re.search(r"^femeta: \d+ iterations", result.stdout, flags=re.MULTILINE)
+        assert re.search(r"^petsc_icc: \d+ iterations", result.stdout, flags=re.MULTILINE)
+        assert re.search(r"^gamg: \d+ iterations \(CONVERGED", result.stdout, flags=re.MULTILINE)
+        printed.append(re.findall(r"^alpha: (\S+)$", result.stdout, flags=re.MULTILINE))
+    # The shift reads statistics of A gathered over the ranks: the same on 1 and 2.
+    assert len(printed[0]) == 1 and printed[0] == printed[1]
+    params = dict(item.split("=") for item in task)
+    model = femeta.load(run)
+    assert 0 < float(printed[0][0]) == model.predict(**params, **statistics_of(family, params))
+
+
+def statistics_of(family, params):
+    """The statistics of the family's serial matrix at ``params`` that the model reads."""
+    from dolfinx import fem
+    from dolfinx.fem import petsc
+    from mpi4py import MPI
+
+    from femeta.fenics import matrix_statistics
+
+    built = runpy.run_path(str(family))["make"](MPI.COMM_SELF)
+    for name, value in params.items():
+        built["parameters"][name].value = float(value)
+    A = petsc.assemble_matrix(fem.form(built["a"]), bcs=built["bcs"])
+    A.assemble()
+    return matrix_statistics(A, ("diag_min", "diag_max", "norm_inf", "norm_fro"))
