@@ -454,12 +454,24 @@ def solve_command(
     model: Annotated[Path, typer.Option(help="Run directory written by `femeta train`.")],
     cells: Annotated[
         tuple[int, int, int],
-        typer.Option(help="Hexahedra along the length and across the section (any size)."),
+        typer.Option(help="elasticity only: hexahedra along the length and across the section."),
     ] = (8, 2, 2),
-    width: Annotated[float, typer.Option("--W", help="Width and height W of the beam.")] = 0.1,
-    lam: Annotated[float, typer.Option("--lam", help="Lame's first parameter lambda.")] = 1.0,
-    mu: Annotated[float, typer.Option("--mu", help="Shear modulus mu.")] = 1.0,
-    rho: Annotated[float, typer.Option("--rho", help="Density rho.")] = 1.0,
+    width: Annotated[
+        float, typer.Option("--W", help="elasticity only: width and height W of the beam.")
+    ] = 0.1,
+    lam: Annotated[float, typer.Option("--lam", help="elasticity only: Lame's lambda.")] = 1.0,
+    mu: Annotated[float, typer.Option("--mu", help="elasticity only: shear modulus mu.")] = 1.0,
+    rho: Annotated[float, typer.Option("--rho", help="elasticity only: density rho.")] = 1.0,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", help="family only: a parameter of the task, NAME=VALUE (one per parameter)."
+        ),
+    ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(help="family only: the family file, FILE.py:FUNCTION. [default: the model's]"),
+    ] = None,
     tol: Annotated[float, typer.Option(help="Relative residual ||b - Ax|| / ||b||.")] = 1e-6,
     max_iterations: Annotated[
         int | None, typer.Option(help="Iteration cap of every solver. [default: 10 N]")
@@ -468,17 +480,20 @@ def solve_command(
         bool, typer.Option(help="Apply the model outside the ranges it was trained on.")
     ] = False,
     with_gamg: Annotated[
-        bool, typer.Option("--gamg/--no-gamg", help="Also solve with GAMG (rigid-body modes).")
+        bool,
+        typer.Option(
+            "--gamg/--no-gamg", help="Also solve with GAMG (with the rigid-body modes for a beam)."
+        ),
     ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Assemble one beam with DOLFINx (on all MPI ranks) and solve it with the model's
+    """Assemble one task with DOLFINx (on all MPI ranks) and solve it with the model's
     shift (guarded), Psi_base's shift, PETSc's default ICC and GAMG."""
     scriptable = [name for name, experiment in EXPERIMENTS.items() if experiment.scriptable]
     if problem not in scriptable:
-        raise UsageError(f"femeta solve assembles beams only: use {scriptable}, not {problem!r}")
+        raise UsageError(f"femeta solve assembles {scriptable} tasks only, not {problem!r}")
     if any(c < 1 for c in cells):
         raise UsageError(f"--cells must be three integers >= 1, got {' '.join(map(str, cells))}")
     if not 0 < tol < 1:
@@ -491,22 +506,23 @@ def solve_command(
     loaded = femeta.load(model)
     if loaded.problem != problem:
         raise UsageError(f"{model} holds a model for {loaded.problem!r}, not {problem!r}")
-    params = {"W": width, "lambda_": lam, "mu": mu, "rho": rho}
     import_dolfinx()
     from mpi4py import MPI
 
     from femeta import comparison
     from femeta.fenics import configure
-    from femeta.problems.elasticity import beam_system
 
     comm = MPI.COMM_WORLD
+    given = {"cells": cells, "W": width, "lambda_": lam, "mu": mu, "rho": rho,
+             "param": param, "family": family}  # fmt: skip
     start = time.perf_counter()
-    A, b, space = beam_system(comm, cells, width, lam, mu, rho)
+    system = EXPERIMENTS[problem].script_system(comm, loaded, given)
+    A, b = system.A, system.b
     assembly = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
     n = A.getSize()[0]
     cap = 10 * n if max_iterations is None else max_iterations
     probe = _probe_ksp(A)
-    alpha = configure(probe, loaded, extrapolate=extrapolate, **params).alpha
+    alpha = configure(probe, loaded, extrapolate=extrapolate, **system.params).alpha
     probe.destroy()
     base = base_alpha(loaded)
     outcomes = [
@@ -515,22 +531,23 @@ def solve_command(
         comparison.default_icc(A, b, tol, cap),
     ]
     if with_gamg:
-        outcomes.append(comparison.gamg(A, b, tol, cap, comparison.rigid_body_modes(space)))
+        outcomes.append(comparison.gamg(A, b, tol, cap, system.near_nullspace))
     summary = {
-        "unknowns": n, "ranks": comm.size, "cells": list(cells), "tol": tol,
+        "task": system.label, "unknowns": n, "ranks": comm.size, "tol": tol,
         "max_iterations": cap, "assembly_seconds": assembly,
-        "params": {"W": width, "lambda": lam, "mu": mu, "rho": rho},
+        "params": {name.rstrip("_"): value for name, value in system.params.items()},
         "solvers": [outcome.as_dict() for outcome in outcomes],
     }  # fmt: skip
     if as_json:
         typer.echo(json.dumps(summary))
         return
     typer.echo(
-        f"beam {' x '.join(map(str, cells))} cells, {n} unknowns on {comm.size} rank(s), "
+        f"{system.label}, {n} unknowns on {comm.size} rank(s), "
         f"assembled in {assembly:.2f} s; CG to {tol:g} (cap {cap}):"
     )
+    gamg = "GAMG" if system.near_nullspace is None else "GAMG + near-nullspace"
     labels = {"femeta": "learned alpha", "psi_base": "Psi_base alpha",
-              "petsc_icc": "PETSc ICC default", "gamg": "GAMG + rigid modes"}  # fmt: skip
+              "petsc_icc": "PETSc ICC default", "gamg": gamg}  # fmt: skip
     for outcome in outcomes:
         shift = "" if outcome.alpha is None else f" (alpha {outcome.alpha:.4g})"
         retried = f", {len(outcome.attempts)} attempts" if len(outcome.attempts) > 1 else ""

@@ -129,6 +129,8 @@ class Model:
         }[self._network]
         self.base_alpha: float | None = spec.get("base_alpha")
         self.ic_pattern: str | None = config.get("problem_params", {}).get("ic_pattern")
+        #: A family model's family file (``FILE.py:FUNCTION``), else ``None``.
+        self.family: str | None = config.get("problem_params", {}).get("family")
         self._head = spec.get("head")
         self._weights = weights
         self._layers = _layers(weights, "network.layers")

@@ -532,7 +532,7 @@ def test_solve_elasticity_compares_the_model_with_what_a_user_has(beam_model, in
 
 def test_solve_rejects_bad_input_in_one_line(beam_model, trained, invoke):
     cases = {
-        ("solve", "poisson1d", "--model", trained): "beams only",
+        ("solve", "poisson1d", "--model", trained): "tasks only, not 'poisson1d'",
         ("solve", "elasticity", "--model", trained): "model for 'poisson1d'",
         ("solve", "elasticity", "--model", beam_model, "--cells", "0", "2", "2"): "--cells",
         ("solve", "elasticity", "--model", beam_model, "--W", "0.5"): "W = 0.5",

@@ -106,6 +106,17 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
     assert config["model"]["features"][:2] == ["kappa", "load"]
     assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
     check_the_script_api(out, family)
+    solved = json.loads(run(capsys, "solve", "family", "--model", out, "--param", "kappa=10",
+                            "--param", "load=1.5", "--json"))  # fmt: skip
+    assert (solved["task"], solved["unknowns"]) == ("family.py:make task", 49)
+    assert solved["params"] == {"kappa": 10.0, "load": 1.5}
+    solvers = {row["name"]: row for row in solved["solvers"]}
+    assert list(solvers) == ["femeta", "psi_base", "petsc_icc", "gamg"]
+    assert all(row["converged"] for row in solvers.values())
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["solve", "family", "--model", str(out), "--param", "kappa=10"])
+    assert stopped.value.code == 2
+    assert "family.py:make: no value for ['load']" in capsys.readouterr().err
 
     model = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
     assert model["n_tasks"] == 8 and model["convergence_ratio"] == 1.0

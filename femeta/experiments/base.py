@@ -29,6 +29,7 @@ __all__ = [
     "TORCH_ONLY",
     "Experiment",
     "Option",
+    "ScriptSystem",
     "TrainDefaults",
     "check_option",
     "declared_option",
@@ -151,6 +152,27 @@ def owners(name: str) -> list[type[Experiment]]:
 
 
 @dataclass(frozen=True)
+class ScriptSystem:
+    """One task as a DOLFINx script assembles it, for ``femeta solve``.
+
+    Attributes:
+        A: The matrix (PETSc AIJ), distributed over the ranks.
+        b: The right-hand side.
+        params: The task's parameters, by the names the model takes.
+        label: What it is, for a person (e.g. ``"beam 8 x 2 x 2 cells"``).
+        near_nullspace: For GAMG (e.g. the rigid-body modes), or ``None``: its default.
+        keep: What ``A`` and ``b`` need kept alive (their mesh and its communicator).
+    """
+
+    A: Any
+    b: Any
+    params: dict[str, float]
+    label: str
+    near_nullspace: Any = None
+    keep: Any = None
+
+
+@dataclass(frozen=True)
 class TrainDefaults:
     """The training settings of an experiment when none are given (the paper's).
 
@@ -217,7 +239,7 @@ class Experiment:
     recommended_train: ClassVar[TrainDefaults | None] = None
     #: Whether L_m squares the error measure (the Poisson tasks do, §3.1.2).
     squared_error: ClassVar[bool] = True
-    #: Whether ``femeta solve`` assembles one task with DOLFINx and solves it with a model.
+    #: Whether ``femeta solve`` assembles one task with DOLFINx (:meth:`script_system`).
     scriptable: ClassVar[bool] = False
 
     device: torch.device
@@ -275,6 +297,12 @@ class Experiment:
         By default the paper's: no better ones are known.
         """
         return dict(cls.paper_options)
+
+    @classmethod
+    def script_system(cls, comm: Any, model: Any, given: Mapping[str, Any]) -> ScriptSystem:
+        """One task assembled with DOLFINx on ``comm`` for ``femeta solve`` (when
+        :attr:`scriptable`), from the loaded ``model`` and the command's options ``given``."""
+        raise NotImplementedError(f"femeta solve does not assemble {cls.name} tasks")
 
     def check_params(self) -> None:
         """Check this experiment's ``"problem"`` options (called by ``__post_init__``)."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from femeta.evaluation import IterationStats
-from femeta.experiments.base import Option, TrainDefaults
+from femeta.experiments.base import Option, ScriptSystem, TrainDefaults
 from femeta.experiments.shift import (
     CLIP,
     GAMMA,
@@ -174,6 +174,18 @@ class ElasticityIccg(ShiftExperiment):
                 "--engine petsc needs --smooth: PETSc's solves carry no derivative in alpha, "
                 "and only the smoothed slope does without one"
             )
+
+    @classmethod
+    def script_system(cls, comm: Any, model: Any, given: Mapping[str, Any]) -> ScriptSystem:
+        """The beam of ``given`` (``cells``, ``W``, ``lambda_``, ``mu``, ``rho``)."""
+        from femeta.comparison import rigid_body_modes
+        from femeta.problems.elasticity import beam_system
+
+        cells = tuple(given["cells"])
+        params = {name: float(given[name]) for name in ("W", "lambda_", "mu", "rho")}
+        A, b, space = beam_system(comm, cells, *params.values())
+        label = f"beam {' x '.join(map(str, cells))} cells"
+        return ScriptSystem(A, b, params, label, rigid_body_modes(space), space)
 
     @classmethod
     def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

@@ -10,11 +10,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from femeta.experiments.base import Option, TrainDefaults
+from femeta.experiments.base import Option, ScriptSystem, TrainDefaults
 from femeta.experiments.shift import CLIP, GAMMA, SMOOTH, ShiftExperiment
 from femeta.metasolvers import ShiftNet
 from femeta.problems.base import TaskSet
-from femeta.problems.family import MATRIX_FEATURES, UserFamily, load_family
+from femeta.problems.family import (
+    MATRIX_FEATURES,
+    FamilyError,
+    UserFamily,
+    family_system,
+    load_family,
+)
 
 __all__ = ["FAMILY_INPUTS", "FamilyIccg"]
 
@@ -56,6 +62,7 @@ class FamilyIccg(ShiftExperiment):
 
     name: ClassVar[str] = "family"
     label: ClassVar[str] = "the family shift"
+    scriptable: ClassVar[bool] = True
     default_tol: ClassVar[float] = 1e-6
     #: The exact derivative, as the paper trains the beams.
     paper_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
@@ -96,6 +103,24 @@ class FamilyIccg(ShiftExperiment):
         if self.family_inputs == "matrix":
             return list(MATRIX_FEATURES)
         return list(self.problem.feature_names)
+
+    @classmethod
+    def script_system(cls, comm: Any, model: Any, given: Mapping[str, Any]) -> ScriptSystem:
+        """The task ``given["param"]`` (``NAME=VALUE`` items) of ``given["family"]``, or of
+        the model's family file."""
+        spec = given.get("family") or model.family
+        if spec is None:
+            raise FamilyError(f"{model.run_dir} names no family file; pass --family FILE.py:make")
+        source = load_family(spec)
+        values = {}
+        for item in given.get("param") or ():
+            name, _, value = item.partition("=")
+            try:
+                values[name.strip()] = float(value)
+            except ValueError:
+                raise FamilyError(f"--param takes NAME=VALUE with a number, got {item!r}") from None
+        A, b, built = family_system(source, comm, values)
+        return ScriptSystem(A, b, values, f"{source.label} task", None, built)
 
     @classmethod
     def recommended_options(cls, given: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

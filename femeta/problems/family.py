@@ -346,7 +346,7 @@ class _Assembler:
             built = source.make(MPI.COMM_SELF)
         except Exception as err:
             raise source.fail("building the forms", err) from err
-        self.setters = self._setters(built)
+        self.setters = parameter_setters(source, built)
         try:
             self.bilinear = built["a"] if isinstance(built["a"], fem.Form) else fem.form(built["a"])
             self.linear = built["L"] if isinstance(built["L"], fem.Form) else fem.form(built["L"])
@@ -372,43 +372,6 @@ class _Assembler:
                 f"{source.label}: the matrix's pattern is not symmetric; ICCG needs a symmetric "
                 "bilinear form with the same trial and test space"
             ) from None
-
-    def _setters(self, built: Any) -> dict[str, Callable[[float], None]]:
-        """How each parameter's value reaches the forms, checked against the distributions."""
-        source = self.source
-        keys = ("a", "L", "bcs", "parameters")
-        if not isinstance(built, Mapping) or set(keys) - set(built):
-            got = sorted(built) if isinstance(built, Mapping) else type(built).__name__
-            raise FamilyError(
-                f"{source.label} must return a dict with keys {list(keys)}, got {got}"
-            )
-        given = built["parameters"]
-        if not isinstance(given, Mapping):
-            raise FamilyError(f"{source.label}: 'parameters' must be a dict name -> fem.Constant")
-        for name in given:
-            if name not in source.parameters:
-                raise FamilyError(
-                    f"{source.label} uses parameter {name!r}, which PARAMETERS in {source.path} "
-                    f'does not declare; add e.g. {name!r}: ("uniform", 0.0, 1.0)'
-                )
-        for name in source.parameters:
-            if name not in given:
-                raise FamilyError(
-                    f"PARAMETERS in {source.path} declares {name!r}, but {source.label} returns "
-                    "no such entry in 'parameters'"
-                )
-        setters = {}
-        for name, target in given.items():
-            if isinstance(target, self.fem.Constant):
-                setters[name] = _constant_setter(target)
-            elif callable(target):
-                setters[name] = target
-            else:
-                raise FamilyError(
-                    f"{source.label}: parameter {name!r} must be a fem.Constant or a callable "
-                    f"taking the value, got {type(target).__name__}"
-                )
-        return setters
 
     def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
         """The matrices and right-hand sides of tasks ``params``."""
@@ -444,6 +407,93 @@ class _Assembler:
                     "residual needs b != 0"
                 )
         return self.pattern.with_values(values), b
+
+
+def parameter_setters(source: FamilySource, built: Any) -> dict[str, Callable[[float], None]]:
+    """How each parameter's value reaches the forms ``built`` (what the family's function
+    returned), checked against the distributions."""
+    from dolfinx import fem
+
+    keys = ("a", "L", "bcs", "parameters")
+    if not isinstance(built, Mapping) or set(keys) - set(built):
+        got = sorted(built) if isinstance(built, Mapping) else type(built).__name__
+        raise FamilyError(f"{source.label} must return a dict with keys {list(keys)}, got {got}")
+    given = built["parameters"]
+    if not isinstance(given, Mapping):
+        raise FamilyError(f"{source.label}: 'parameters' must be a dict name -> fem.Constant")
+    for name in given:
+        if name not in source.parameters:
+            raise FamilyError(
+                f"{source.label} uses parameter {name!r}, which PARAMETERS in {source.path} "
+                f'does not declare; add e.g. {name!r}: ("uniform", 0.0, 1.0)'
+            )
+    for name in source.parameters:
+        if name not in given:
+            raise FamilyError(
+                f"PARAMETERS in {source.path} declares {name!r}, but {source.label} returns "
+                "no such entry in 'parameters'"
+            )
+    setters = {}
+    for name, target in given.items():
+        if isinstance(target, fem.Constant):
+            setters[name] = _constant_setter(target)
+        elif callable(target):
+            setters[name] = target
+        else:
+            raise FamilyError(
+                f"{source.label}: parameter {name!r} must be a fem.Constant or a callable "
+                f"taking the value, got {type(target).__name__}"
+            )
+    return setters
+
+
+def family_system(
+    source: FamilySource, comm: Any, values: Mapping[str, float]
+) -> tuple[Any, Any, Any]:
+    """One task of the family as a script assembles it, distributed over ``comm``.
+
+    ``values`` gives every parameter. Returns ``A`` (PETSc AIJ, Dirichlet rows made
+    identity rows), ``b`` (the conditions lifted) and what the family's function
+    returned; keep that while using ``A`` and ``b``, which live on its mesh's
+    communicator.
+    """
+    import_dolfinx()
+    from dolfinx import fem
+    from dolfinx.fem import petsc
+    from petsc4py import PETSc
+
+    missing = [name for name in source.parameters if name not in values]
+    unknown = [name for name in values if name not in source.parameters]
+    if missing or unknown:
+        wrong = f"no value for {missing}" if missing else f"unknown parameters {unknown}"
+        raise FamilyError(
+            f"{source.label}: {wrong}; give each of {list(source.parameters)} a value"
+        )
+    try:
+        built = source.make(comm)
+    except Exception as err:
+        raise source.fail("building the forms", err) from err
+    setters = parameter_setters(source, built)
+    for name, value in values.items():
+        try:
+            setters[name](value)
+        except Exception as err:
+            raise source.fail(f"setting {name} = {value:g}", err) from err
+    try:
+        bilinear, linear = (
+            form if isinstance(form, fem.Form) else fem.form(form)
+            for form in (built["a"], built["L"])
+        )
+        bcs = list(built["bcs"])
+        A = petsc.assemble_matrix(bilinear, bcs=bcs)
+        A.assemble()
+        b = petsc.assemble_vector(linear)
+        petsc.apply_lifting(b, [bilinear], bcs=[bcs])
+        b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        petsc.set_bc(b, bcs)
+    except Exception as err:
+        raise source.fail("assembling the task", err) from err
+    return A, b, built
 
 
 def diagonal_range(A: SparseBatch) -> tuple[Tensor, Tensor]:
