@@ -258,3 +258,34 @@ def test_training_under_mpiexec_gives_the_serial_weights(tmp_path):
     assert sorted(path.name for path in shared.iterdir()) == sorted(
         path.name for path in serial.iterdir()
     )
+
+
+def test_a_family_s_tasks_are_assembled_by_the_ranks_together(tmp_path):
+    import torch
+    from mpi4py import MPI
+
+    from femeta.problems.family import UserFamily, load_family
+
+    family_file = tmp_path / "family.py"
+    family_file.write_text(
+        "import ufl\n"
+        "from dolfinx import default_scalar_type, fem, mesh\n"
+        'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e3)}\n'
+        "def make(comm):\n"
+        "    msh = mesh.create_unit_square(comm, 5, 5)\n"
+        '    space = fem.functionspace(msh, ("Lagrange", 1))\n'
+        "    kappa = fem.Constant(msh, default_scalar_type(1.0))\n"
+        "    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)\n"
+        "    x = ufl.SpatialCoordinate(msh)\n"
+        "    k = ufl.conditional(ufl.lt(x[0], 0.5), kappa, 1.0)\n"
+        "    dofs = fem.locate_dofs_geometrical(space, lambda p: p[0] < 1e-12)\n"
+        "    bc = fem.dirichletbc(default_scalar_type(0.0), dofs, space)\n"
+        "    a = k * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx\n"
+        '    return {"a": a, "L": v * ufl.dx, "bcs": [bc], "parameters": {"kappa": kappa}}\n'
+    )
+    family = UserFamily(load_family(f"{family_file}:make"), cache=False)
+    tasks = family.sample(5, seed=1)  # under mpiexec: tasks 0, 2, 4 on rank 0, 1 and 3 on rank 1
+    A, b = family._forms()(tasks["params"])  # every task on this rank alone
+    assert torch.equal(tasks["A"].values, A.values) and torch.equal(tasks["b"], b)
+    sums = MPI.COMM_WORLD.allgather(float(tasks["features"].sum()))
+    assert all(value == sums[0] for value in sums)

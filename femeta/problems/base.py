@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from femeta.parallel import Comm, collective
 from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["TaskSet", "split_size_and_seed", "stored_pattern"]
+__all__ = ["TaskSet", "assemble_shared", "split_size_and_seed", "stored_pattern"]
 
 
 class TaskSet:
@@ -74,3 +75,21 @@ def stored_pattern(matrix: Any, n: int) -> tuple[SparseBatch, Tensor]:
         torch.zeros(0, nnz, dtype=torch.float64),
     )
     return pattern, order
+
+
+def assemble_shared(
+    assemble: Callable[[Tensor], tuple[SparseBatch, Tensor]], params: Tensor, comm: Comm
+) -> tuple[SparseBatch, Tensor]:
+    """``assemble(params)`` shared over the ranks of ``comm``: task ``k`` assembled on rank
+    ``k mod size``, every matrix and right-hand side then sent to all ranks."""
+    if comm.size == 1:
+        return assemble(params)
+    mine = list(range(comm.rank, len(params), comm.size))
+    A, b = collective(comm, lambda: assemble(params[mine]))
+    values = torch.empty(len(params), A.values.shape[1], dtype=torch.float64)
+    rhs = torch.empty(len(params), b.shape[1], dtype=torch.float64)
+    values[mine], rhs[mine] = A.values, b
+    for task in range(len(params)):
+        for row in (values[task], rhs[task]):
+            comm.Bcast(row.numpy(), root=task % comm.size)
+    return A.with_values(values), rhs

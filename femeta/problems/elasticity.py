@@ -31,8 +31,8 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
-from femeta.parallel import Comm, collective, on_root, world
-from femeta.problems.base import TaskSet, split_size_and_seed, stored_pattern
+from femeta.parallel import on_root, world
+from femeta.problems.base import TaskSet, assemble_shared, split_size_and_seed, stored_pattern
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
@@ -180,25 +180,11 @@ class ElasticBeam:
         if comm.bcast(path is not None and path.exists(), root=0):
             return self._load(path)
         params = self.draw(count, seed)
-        A, b = self._assemble_shared(params, comm)
+        A, b = assemble_shared(self.assemble, params, comm)
         tasks = TaskSet({"A": A, "b": b, "params": params, "features": _features(params, A)})
         if path is not None:
             on_root(comm, lambda: self._store(path, tasks))
         return tasks
-
-    def _assemble_shared(self, params: Tensor, comm: Comm) -> tuple[SparseBatch, Tensor]:
-        """:meth:`assemble`, task ``k`` on rank ``k mod size``, the results sent to all."""
-        if comm.size == 1:
-            return self.assemble(params)
-        mine = list(range(comm.rank, len(params), comm.size))
-        A, b = collective(comm, lambda: self.assemble(params[mine]))
-        values = torch.empty(len(params), A.values.shape[1], dtype=torch.float64)
-        rhs = torch.empty(len(params), b.shape[1], dtype=torch.float64)
-        values[mine], rhs[mine] = A.values, b
-        for task in range(len(params)):
-            for row in (values[task], rhs[task]):
-                comm.Bcast(row.numpy(), root=task % comm.size)
-        return A.with_values(values), rhs
 
     def draw(self, count: int, seed: int) -> Tensor:
         """The parameters ``(count, 4)`` that :meth:`sample` assembles, without assembling."""

@@ -42,7 +42,7 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
-from femeta.problems.base import TaskSet, split_size_and_seed, stored_pattern
+from femeta.problems.base import TaskSet, assemble_shared, split_size_and_seed, stored_pattern
 from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.sparse import SparseBatch
 
@@ -284,7 +284,7 @@ class UserFamily:
         if comm.bcast(path is not None and path.exists(), root=0):
             return self._load(path)
         params = self.draw(count, seed)
-        A, b = self._forms()(params)
+        A, b = assemble_shared(self._forms(), params, comm)
         tasks = TaskSet({"A": A, "b": b, "params": params, "features": self._features(params, A)})
         if path is not None:
             on_root(comm, lambda: self._store(path, tasks))
