@@ -1,20 +1,20 @@
-"""A beam model against what a FEniCS user has, on test beams assembled as a script does.
+"""A shift model against what a FEniCS user has, on test tasks assembled as a script does.
 
-Run from the repository root, serially or under ``mpiexec`` (each beam's mesh is
+Run from the repository root, serially or under ``mpiexec`` (each task's mesh is
 distributed over the ranks; in parallel ICC(0) is block Jacobi with ICC(0) blocks)::
 
-    .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/beam_sizes.py --model RUN --tasks 100
+    .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/model_solves.py --model RUN --tasks 100
 
-The test beams are the model's test split (``femeta evaluate``'s, at the model's
-mesh and seed, or the same parameters on the mesh ``--cells``), each assembled with
-:func:`femeta.problems.elasticity.beam_system` and solved by CG to ``--tol`` from a
-zero guess with: the learned shift (guarded, as in a script), Psi_base's shift
-(saved with the model, guarded), PETSc's ICC with its default shift, and GAMG with
-the six rigid-body modes as near-nullspace. On the first ``--best`` beams,
-Psi_best is the best of the 31 shifts 1e-5..10 (unguarded; each solve capped at
-the best count so far, which does not change the minimum).
-Unconverged solves count as the cap (``10 N``). Rank 0 prints one JSON line per
-beam and a summary.
+The tasks are the model's test split (``femeta evaluate``'s, at the model's seed):
+beams (at the model's mesh, or the same parameters on the mesh ``--cells``) or
+the tasks of a family file. Each is assembled as ``femeta solve`` assembles it
+(``Experiment.script_system``) and solved by CG to ``--tol`` from a zero guess
+with: the learned shift (guarded, as in a script), Psi_base's shift (guarded),
+PETSc's ICC with its default shift, and GAMG (for beams with the six rigid-body
+modes as near-nullspace). On the first ``--best`` tasks, Psi_best is the best of
+the 31 shifts 1e-5..10 (unguarded; each solve capped at the best count so far,
+which does not change the minimum). Unconverged solves count as the cap
+(``10 N``). Rank 0 prints one JSON line per task and a summary.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from petsc4py import PETSc  # noqa: E402
 
 import femeta  # noqa: E402
 from femeta import comparison  # noqa: E402
-from femeta.fenics import ShiftedICC, set_icc  # noqa: E402
+from femeta.experiments import EXPERIMENTS  # noqa: E402
+from femeta.fenics import ShiftedICC, configure, set_icc  # noqa: E402
 from femeta.problems.base import split_size_and_seed  # noqa: E402
-from femeta.problems.elasticity import SPLITS, ElasticBeam, beam_system  # noqa: E402
+from femeta.problems.elasticity import SPLITS, ElasticBeam  # noqa: E402
+from femeta.problems.family import UserFamily, load_family  # noqa: E402
 from femeta.workflow import base_alpha  # noqa: E402
 
 GRID = np.logspace(-5, 1, 31)
@@ -45,13 +47,13 @@ SOLVERS = ("learned", "psi_base", "psi_best", "petsc_icc", "gamg")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="run directory of an elasticity model")
-    parser.add_argument("--tasks", type=int, default=100, help="test beams to solve")
-    parser.add_argument("--best", type=int, default=10, help="beams that get Psi_best")
+    parser.add_argument("--model", required=True, help="run directory of a beam or family model")
+    parser.add_argument("--tasks", type=int, default=100, help="test tasks to solve")
+    parser.add_argument("--best", type=int, default=10, help="tasks that get Psi_best")
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--cap", type=float, default=10.0, help="iteration cap, times N")
     parser.add_argument(
-        "--cells", type=int, nargs=3, help="another mesh for the same beams (default: the model's)"
+        "--cells", type=int, nargs=3, help="beams: another mesh for them (default: the model's)"
     )
     parser.add_argument(
         "--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS, help="what to run"
@@ -59,29 +61,28 @@ def main() -> None:
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     model = femeta.load(args.model)
-    config = json.loads((model.run_dir / "config.json").read_text())
-    cells = tuple(args.cells or config["problem_params"]["cells"])
-    splits = config["problem_params"].get("splits", (1000, 1000, 1000))
-    sizes = dict(zip(SPLITS, splits, strict=True))
-    count, seed = split_size_and_seed("test", config["options"]["seed"], sizes)
-    params = ElasticBeam(cells).draw(count, seed)[: args.tasks].tolist()
+    given = _test_tasks(model, args)[: args.tasks]
     base = base_alpha(model)
     rows = []
     start = time.perf_counter()
-    for task, (width, lam, mu, rho) in enumerate(params):
-        A, b, space = beam_system(comm, cells, width, lam, mu, rho)
+    for task, values in enumerate(given):
+        system = EXPERIMENTS[model.problem].script_system(comm, model, values)
+        A, b = system.A, system.b
         n = A.getSize()[0]
         cap = int(args.cap * n)
-        alpha = model.predict(W=width, lambda_=lam, mu=mu, rho=rho)
+        probe = PETSc.KSP().create(comm)
+        probe.setOperators(A)
+        alpha = configure(probe, model, **system.params).alpha
+        probe.destroy()
         shifts = {"learned": alpha, "psi_base": base}
         outcomes = [
-            _solve(name, A, b, space, shifts.get(name), args.tol, cap)
+            _solve(name, A, b, system.near_nullspace, shifts.get(name), args.tol, cap)
             for name in args.solvers
             if name != "psi_best"
         ]
         row = {
             "task": task, "unknowns": n, "ranks": comm.size, "cap": cap,
-            "params": [width, lam, mu, rho],
+            "params": system.params,
             "solvers": {o.name: [o.iterations if o.converged else cap, o.converged, o.seconds,
                                  o.alpha] for o in outcomes},
         }  # fmt: skip
@@ -93,17 +94,38 @@ def main() -> None:
         A.destroy()
         b.destroy()
     if comm.rank == 0:
-        _summary(rows, cells, args, time.perf_counter() - start)
+        _summary(rows, system.label, args, time.perf_counter() - start)
+
+
+def _test_tasks(model: femeta.Model, args: argparse.Namespace) -> list[dict]:
+    """What ``script_system`` takes for each test task of the model."""
+    config = json.loads((model.run_dir / "config.json").read_text())
+    seed = config["options"]["seed"]
+    if model.problem == "family":
+        family = UserFamily(load_family(model.family), cache=False)
+        count, seed = split_size_and_seed("test", seed, family.source.splits)
+        return [
+            {"param": [f"{name}={value!r}" for name, value in zip(family.param_names, row,
+                                                                   strict=True)]}
+            for row in family.draw(count, seed).tolist()
+        ]  # fmt: skip
+    cells = tuple(args.cells or config["problem_params"]["cells"])
+    splits = config["problem_params"].get("splits", (1000, 1000, 1000))
+    count, seed = split_size_and_seed("test", seed, dict(zip(SPLITS, splits, strict=True)))
+    return [
+        {"cells": cells, "W": width, "lambda_": lam, "mu": mu, "rho": rho}
+        for width, lam, mu, rho in ElasticBeam(cells).draw(count, seed).tolist()
+    ]
 
 
 def _solve(
-    name: str, A: PETSc.Mat, b: PETSc.Vec, space: object, alpha: float | None, tol: float,
-    cap: int,
+    name: str, A: PETSc.Mat, b: PETSc.Vec, near_nullspace: object, alpha: float | None,
+    tol: float, cap: int,
 ) -> comparison.Outcome:  # fmt: skip
     if name == "petsc_icc":
         return comparison.default_icc(A, b, tol, cap)
     if name == "gamg":
-        return comparison.gamg(A, b, tol, cap, comparison.rigid_body_modes(space))
+        return comparison.gamg(A, b, tol, cap, near_nullspace)
     return comparison.shifted_icc(name, A, b, alpha, tol, cap)
 
 
@@ -134,15 +156,14 @@ def _best(A: PETSc.Mat, b: PETSc.Vec, tol: float, cap: int) -> list:
     return best
 
 
-def _summary(rows: list[dict], cells: tuple, args: argparse.Namespace, seconds: float) -> None:
+def _summary(rows: list[dict], label: str, args: argparse.Namespace, seconds: float) -> None:
     names = [name for name in SOLVERS if name in rows[0]["solvers"]]
     print(
-        f"beam {'x'.join(map(str, cells))}, N = {rows[0]['unknowns']}, {rows[0]['ranks']} "
-        f"rank(s), {len(rows)} test beams, CG to {args.tol:g}, cap {args.cap:g} N; "
-        f"{seconds:.0f} s in all"
+        f"{label}, N = {rows[0]['unknowns']}, {rows[0]['ranks']} rank(s), {len(rows)} test "
+        f"tasks, CG to {args.tol:g}, cap {args.cap:g} N; {seconds:.0f} s in all"
     )
     sample = [row for row in rows if "psi_best" in row["solvers"]]
-    on_sample = f"on the {len(sample)} Psi_best beams"
+    on_sample = f"on the {len(sample)} Psi_best tasks"
     print(f"{'solver':<10}{'mean its':>10}{'converged':>11}{'median s':>10}{on_sample:>28}"
           f"{'median alpha':>14}")  # fmt: skip
     for name in names:
