@@ -33,8 +33,9 @@ with PETSc's default shift. The guesses:
 
 Beside the iterations it prints, for each guess, the mean log10 of the initial relative
 residual ``||b - A x0|| / ||b||`` and of the relative A-norm error ``||x0 - x*||_A /
-||x*||_A``: how much of the solve a guess does before CG starts. Wall times of each part
-are printed and saved with the numbers.
+||x*||_A``: how much of the solve a guess does before CG starts; and how much of the span
+of each task's own ``k`` modes span(V) holds (mean squared cosine of the principal
+angles). Wall times of each part are printed and saved with the numbers.
 """
 
 from __future__ import annotations
