@@ -102,7 +102,7 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
                "--out", out)  # fmt: skip
     assert said.startswith(f"saved {out}: kept epoch")
     config = json.loads((out / "config.json").read_text())
-    assert config["problem_params"] == {"family": family, "family_inputs": "all"}
+    assert config["problem_params"] == {"family": family, "family_inputs": "all", "splits": None}
     assert config["model"]["features"][:2] == ["kappa", "load"]
     assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
     check_the_script_api(out, family)

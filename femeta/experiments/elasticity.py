@@ -27,7 +27,7 @@ from femeta.solvers.iccg import IccgResult
 from femeta.solvers.petsc import PetscIccg
 from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["BEAM_INPUTS", "IC_PATTERNS", "ElasticityIccg"]
+__all__ = ["BEAM_INPUTS", "IC_PATTERNS", "SPLITS", "ElasticityIccg"]
 
 #: The sparsity patterns that the beams' IC(0) can keep (:class:`ElasticityIccg`).
 IC_PATTERNS = ("values", "stored")
@@ -52,9 +52,10 @@ CELLS = Option(
 SPLITS = Option(
     "splits",
     int,
-    "tasks in the training, validation and test sets (the paper's 1000 each; fewer keep "
-    "large meshes affordable).",
+    "tasks in the training, validation and test sets (beams: the paper's 1000 each, fewer "
+    "keep large meshes affordable; a family: its file's SPLITS unless given).",
     default=(1000, 1000, 1000),
+    shown="elasticity 1000 1000 1000; family the file's",
     minimum=1,
     count=3,
 )

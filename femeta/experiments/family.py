@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from femeta.experiments.base import Option, ScriptSystem, TrainDefaults
+from femeta.experiments.elasticity import SPLITS
 from femeta.experiments.shift import CLIP, GAMMA, SMOOTH, ShiftExperiment
 from femeta.metasolvers import ShiftNet
 from femeta.problems.base import TaskSet
@@ -68,13 +69,15 @@ class FamilyIccg(ShiftExperiment):
     paper_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {"smooth": 0.0, "engine": "torch"}
     )
-    options: ClassVar[tuple[Option, ...]] = (FAMILY, INPUTS, CLIP, SMOOTH, GAMMA)
+    options: ClassVar[tuple[Option, ...]] = (FAMILY, INPUTS, SPLITS, CLIP, SMOOTH, GAMMA)
     #: Adam, lr 1e-3 cut by 5 at 1/2 and 3/4 of the epochs, as for the beams, with smaller
     #: batches for the smaller training sets.
     train_defaults: ClassVar[TrainDefaults] = TrainDefaults(epochs=50, batch_size=32, lr=1e-3, m=50)
 
     family: str | None = None
     family_inputs: str = INPUTS.default
+    #: Tasks in the training, validation and test splits (``None``: the file's ``SPLITS``).
+    splits: tuple[int, int, int] | None = None
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     problem: UserFamily = field(init=False, repr=False)
 
@@ -88,7 +91,13 @@ class FamilyIccg(ShiftExperiment):
             )
         source = load_family(self.family)
         self.family = source.spec
-        self.problem = UserFamily(source)
+        if self.splits is not None:
+            self.splits = tuple(self.splits)
+            self.problem = UserFamily(
+                source, splits=dict(zip(source.splits, self.splits, strict=True))
+            )
+        else:
+            self.problem = UserFamily(source)
 
     @property
     def features(self) -> str:
@@ -131,7 +140,8 @@ class FamilyIccg(ShiftExperiment):
         return {"smooth": smooth, "engine": "torch"}
 
     def params(self) -> dict[str, Any]:
-        return {"family": self.family, "family_inputs": self.family_inputs}
+        splits = None if self.splits is None else list(self.splits)
+        return {"family": self.family, "family_inputs": self.family_inputs, "splits": splits}
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         tasks = self.problem.split(split, seed)

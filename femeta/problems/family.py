@@ -235,14 +235,21 @@ class UserFamily:
         source: The loaded family file (:func:`load_family`).
         cache_dir: Where datasets are kept; :func:`default_cache_dir` when omitted.
         cache: Whether to keep and reuse them on disk.
+        splits: Task counts of ``train``, ``validation`` and ``test`` in place of the file's.
     """
 
     name = "family"
 
     def __init__(
-        self, source: FamilySource, cache_dir: str | Path | None = None, cache: bool = True
+        self,
+        source: FamilySource,
+        cache_dir: str | Path | None = None,
+        cache: bool = True,
+        splits: Mapping[str, int] | None = None,
     ):
         self.source = source
+        #: The task counts of the splits: ``splits``, else what the file declares.
+        self.splits = dict(source.splits if splits is None else splits)
         self.param_names = tuple(source.parameters)
         self.feature_names = (*self.param_names, *MATRIX_FEATURES)
         if not cache:
@@ -291,8 +298,8 @@ class UserFamily:
         return tasks
 
     def split(self, name: str, seed: int) -> TaskSet:
-        """The ``train``, ``validation`` or ``test`` split, of the sizes the file declares."""
-        return self.sample(*split_size_and_seed(name, seed, self.source.splits))
+        """The ``train``, ``validation`` or ``test`` split, of the sizes of :attr:`splits`."""
+        return self.sample(*split_size_and_seed(name, seed, self.splits))
 
     def _features(self, params: Tensor, A: SparseBatch) -> Tensor:
         scaled = [d.transform(params[:, i]) for i, d in enumerate(self.source.parameters.values())]
