@@ -130,6 +130,18 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
     assert means["best"] <= min(means["base"], model["mean_iterations"])
 
 
+def test_splits_given_to_train_replace_the_file_s(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    family = f"{write_family(tmp_path)}:make"
+    out = tmp_path / "run"
+    run(capsys, "train", "family", "--family", family, "--splits", 12, 4, 6, "--epochs", 1,
+        "--batch-size", 6, "--no-monitor", "--out", out)  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["problem_params"]["splits"] == [12, 4, 6]
+    summary = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
+    assert summary["n_tasks"] == 6
+
+
 def check_the_script_api(run_dir: Path, family: str) -> None:
     """``femeta.load`` and ``configure`` give a script the shift the network gives a test task,
     from the parameters and the statistics of the script's own PETSc matrix."""
