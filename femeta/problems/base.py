@@ -12,7 +12,7 @@ from torch import Tensor
 from femeta.parallel import Comm, collective
 from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["TaskSet", "assemble_shared", "split_size_and_seed", "stored_pattern"]
+__all__ = ["TaskSet", "assemble_shared", "petsc_system", "split_size_and_seed", "stored_pattern"]
 
 
 class TaskSet:
@@ -93,3 +93,18 @@ def assemble_shared(
         for row in (values[task], rhs[task]):
             comm.Bcast(row.numpy(), root=task % comm.size)
     return A.with_values(values), rhs
+
+
+def petsc_system(bilinear: Any, linear: Any, bcs: list[Any]) -> tuple[Any, Any]:
+    """``A`` and ``b`` of compiled forms as a DOLFINx script assembles them: PETSc AIJ with
+    the Dirichlet rows and columns made identity, the conditions lifted into ``b``."""
+    from dolfinx.fem import petsc
+    from petsc4py import PETSc
+
+    A = petsc.assemble_matrix(bilinear, bcs=bcs)
+    A.assemble()
+    b = petsc.assemble_vector(linear)
+    petsc.apply_lifting(b, [bilinear], bcs=[bcs])
+    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    petsc.set_bc(b, bcs)
+    return A, b

@@ -32,7 +32,13 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
-from femeta.problems.base import TaskSet, assemble_shared, split_size_and_seed, stored_pattern
+from femeta.problems.base import (
+    TaskSet,
+    assemble_shared,
+    petsc_system,
+    split_size_and_seed,
+    stored_pattern,
+)
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["ElasticBeam", "default_cache_dir"]
@@ -361,7 +367,6 @@ def beam_system(
     import_dolfinx()
     import ufl
     from dolfinx import fem, mesh
-    from dolfinx.fem import petsc
     from petsc4py import PETSc
 
     _check_params(torch.tensor([[width, lam, mu, rho]], dtype=torch.float64))
@@ -387,10 +392,5 @@ def beam_system(
     linear = fem.form(ufl.dot(ufl.as_vector((0, 0, -load)), v) * ufl.dx)
     clamped = fem.locate_dofs_geometrical(space, lambda x: np.isclose(x[0], 0.0))
     bc = fem.dirichletbc(np.zeros(3), clamped, space)
-    A = petsc.assemble_matrix(bilinear, bcs=[bc])
-    A.assemble()
-    b = petsc.assemble_vector(linear)
-    petsc.apply_lifting(b, [bilinear], bcs=[[bc]])
-    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-    petsc.set_bc(b, [bc])
+    A, b = petsc_system(bilinear, linear, [bc])
     return A, b, space

@@ -42,7 +42,13 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
-from femeta.problems.base import TaskSet, assemble_shared, split_size_and_seed, stored_pattern
+from femeta.problems.base import (
+    TaskSet,
+    assemble_shared,
+    petsc_system,
+    split_size_and_seed,
+    stored_pattern,
+)
 from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.sparse import SparseBatch
 
@@ -466,8 +472,6 @@ def family_system(
     """
     import_dolfinx()
     from dolfinx import fem
-    from dolfinx.fem import petsc
-    from petsc4py import PETSc
 
     missing = [name for name in source.parameters if name not in values]
     unknown = [name for name in values if name not in source.parameters]
@@ -491,13 +495,7 @@ def family_system(
             form if isinstance(form, fem.Form) else fem.form(form)
             for form in (built["a"], built["L"])
         )
-        bcs = list(built["bcs"])
-        A = petsc.assemble_matrix(bilinear, bcs=bcs)
-        A.assemble()
-        b = petsc.assemble_vector(linear)
-        petsc.apply_lifting(b, [bilinear], bcs=[bcs])
-        b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        petsc.set_bc(b, bcs)
+        A, b = petsc_system(bilinear, linear, list(built["bcs"]))
     except Exception as err:
         raise source.fail("assembling the task", err) from err
     return A, b, built
