@@ -251,8 +251,9 @@ class Model:
             if low is not None and not extrapolate:
                 margin = 1e-9 * max(1.0, abs(low), abs(high))
                 if not low - margin <= value <= high + margin:
+                    given = _argument(name)
                     raise ValueError(
-                        f"{name} = {params[name]!r} is outside [{low:g}, {high:g}], the range "
+                        f"{given} = {params[given]!r} is outside [{low:g}, {high:g}], the range "
                         f"the model in {self.run_dir} was trained on; pass extrapolate=True to "
                         "use it anyway"
                     )
