@@ -102,6 +102,9 @@ class Model:
             or ``"guess+relaxation"``.
         parameters: The names :meth:`predict` takes, with their trained ranges
             (``None`` where a parameter has none).
+        statistics: The statistics of the assembled matrix that :meth:`predict`
+            also takes (e.g. ``norm_fro``, ``diag_min``); ``femeta.fenics`` computes them.
+        family: The family file of a model trained with ``femeta train family``.
         run_dir: Where it was loaded from.
     """
 
@@ -129,7 +132,6 @@ class Model:
         }[self._network]
         self.base_alpha: float | None = spec.get("base_alpha")
         self.ic_pattern: str | None = config.get("problem_params", {}).get("ic_pattern")
-        #: A family model's family file (``FILE.py:FUNCTION``), else ``None``.
         self.family: str | None = config.get("problem_params", {}).get("family")
         self._head = spec.get("head")
         self._weights = weights
@@ -138,7 +140,6 @@ class Model:
         # Matrix statistics that no input reads need not be given (they enter as log 1 = 0).
         read = {name for item in self._inputs for name in item.coefficients}
         self._unread = {name for name in MATRIX_FEATURES if name not in read}
-        #: The statistics of the assembled A that :meth:`predict` needs beside the parameters.
         self.statistics: tuple[str, ...] = tuple(
             STATISTICS[name]
             for name in self._features
