@@ -150,7 +150,7 @@ def check_the_script_api(run_dir: Path, family: str) -> None:
     from mpi4py import MPI
     from petsc4py import PETSc
 
-    from femeta.fenics import configure
+    from femeta.fenics import LinearProblem, configure
     from femeta.workflow import load_metasolver
 
     model = femeta.load(run_dir)
@@ -177,6 +177,11 @@ def check_the_script_api(run_dir: Path, family: str) -> None:
         assert alpha == pytest.approx(float(expected[task]), rel=1e-9)
         ksp.destroy()
         A.destroy()
+    # LinearProblem in place of DOLFINx's: it assembles A before predicting from its statistics.
+    problem = LinearProblem(built["a"], built["L"], bcs=built["bcs"], model=model, params=values,
+                            petsc_options_prefix="family_")  # fmt: skip
+    problem.solve()
+    assert problem.report.converged and problem.report.attempts[0].alpha == alpha
     with pytest.raises(ValueError, match=r"kappa = 2000.0 is outside \[1, 1000\]"):
         model.predict(kappa=2000.0, load=1.0, diag_min=1.0, diag_max=2.0, norm_inf=3.0,
                       norm_fro=4.0)  # fmt: skip
