@@ -91,13 +91,11 @@ class FamilyIccg(ShiftExperiment):
             )
         source = load_family(self.family)
         self.family = source.spec
+        splits = None
         if self.splits is not None:
             self.splits = tuple(self.splits)
-            self.problem = UserFamily(
-                source, splits=dict(zip(source.splits, self.splits, strict=True))
-            )
-        else:
-            self.problem = UserFamily(source)
+            splits = dict(zip(source.splits, self.splits, strict=True))
+        self.problem = UserFamily(source, splits=splits)
 
     @property
     def features(self) -> str:
