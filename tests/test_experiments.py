@@ -222,7 +222,7 @@ def test_paper_training_defaults():
 
 def test_poisson_trains_with_its_recommended_set_up_unless_told_the_papers():
     config = Poisson1DJacobi().train_config(None, None, None, seed=0, paper=False)
-    assert (config.epochs, config.batch_size, config.lr) == (700, 256, 3e-3)
+    assert (config.epochs, config.batch_size, config.lr) == (700, 64, 3e-3)
     assert (config.schedule, config.betas) == ("cosine", (0.9, 0.999))
     assert (config.ema, config.validate_every) == (0.99, 5)
     assert Poisson1DJacobi().train_config(9, None, None, seed=0, paper=False).epochs == 9

@@ -105,6 +105,25 @@ def test_folding_the_scaling_gives_the_same_function():
     torch.testing.assert_close(folded(features), before)
 
 
+def test_folding_an_activation_shift_gives_the_same_function():
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    scaled = ScaledMLP(random_mlp(0), output_scale=torch.linspace(0.5, 2, 3, dtype=torch.float64),
+                       activation_shift=20.0)  # fmt: skip
+    folded = scaled.fold()
+    torch.testing.assert_close(folded(features), scaled(features), rtol=1e-10, atol=1e-10)
+    # Shifted SiLU is nearly linear: the network is nearly affine, unlike the unshifted one.
+    small = features / 10
+
+    def curvature(network):
+        odd = (network(small) - network(-small)).abs().max()
+        return (network(small) + network(-small) - 2 * network(0 * small)).abs().max() / odd
+
+    assert curvature(scaled) < 1e-3 < 1e-1 < curvature(scaled.network)
+    with pytest.raises(ValueError, match="activation_shift must be finite"):
+        ScaledMLP(random_mlp(0), activation_shift=math.inf)
+
+
 def test_fold_scaling_leaves_a_plain_metasolver_that_loads_its_saved_weights():
     basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     guess = EigenbasisGuess(basis, hidden=(5, 4))
