@@ -105,6 +105,8 @@ class Model:
         statistics: The statistics of the assembled matrix that :meth:`predict`
             also takes (e.g. ``norm_fro``, ``diag_min``); ``femeta.fenics`` computes them.
         family: The family file of a model trained with ``femeta train family``.
+        distributions: A family model's distribution of each parameter,
+            ``name -> (kind, low, high)`` (empty for other models).
         run_dir: Where it was loaded from.
     """
 
@@ -117,11 +119,11 @@ class Model:
         ranges = {name: tuple(bounds) for name, bounds in spec.get("ranges", {}).items()}
         # A family file's model: its inputs are the parameters on the scale of their
         # distribution (log for log-uniform ones) and the logs of matrix statistics.
-        self._distributions: dict[str, tuple[str, float, float]] = {
+        self.distributions: dict[str, tuple[str, float, float]] = {
             name: (kind, float(low), float(high))
             for name, (kind, low, high) in spec.get("distributions", {}).items()
         }
-        bounds = ranges | {name: d[1:] for name, d in self._distributions.items()}
+        bounds = ranges | {name: d[1:] for name, d in self.distributions.items()}
         self.parameters: dict[str, tuple[float, float] | None] = {
             _argument(name): bounds.get(name) for name in self._features if name not in STATISTICS
         }
@@ -174,7 +176,7 @@ class Model:
         if self._network == "EigenbasisGuess":
             coefficients = _mlp(self._layers, features[None, :], "silu")[0]
             return coefficients @ self._weights["basis"].T
-        if self._distributions:
+        if self.distributions:
             inputs = self._family_inputs(features, params, extrapolate)
         else:
             logs = np.log(np.maximum(features, 1e-30) if self._network == "NewtonSorNet"
@@ -197,7 +199,7 @@ class Model:
 
     def _feature_vector(self, params: Mapping[str, Any]) -> np.ndarray:
         given = params
-        statistics = set(self.statistics) | (set() if self._distributions else set(MATRIX_FEATURES))
+        statistics = set(self.statistics) | (set() if self.distributions else set(MATRIX_FEATURES))
         unknown = sorted(set(given) - set(self.parameters) - statistics)
         if unknown:
             raise ValueError(
@@ -231,7 +233,7 @@ class Model:
         for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
             number = _number(value)
             floor = 0.0 if self._network == "NewtonSorNet" and name.startswith("y") else None
-            if self._distributions.get(name, ("",))[0] == "uniform":
+            if self.distributions.get(name, ("",))[0] == "uniform":
                 valid, kind = math.isfinite(number), "finite number"
             else:
                 valid = math.isfinite(number) and (number >= 0 if floor is not None else number > 0)
@@ -248,7 +250,7 @@ class Model:
         """A family model's inputs: each parameter on its distribution's scale, logs of A's."""
         inputs = np.empty(len(values))
         for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
-            kind, low, high = self._distributions.get(name, ("loguniform", None, None))
+            kind, low, high = self.distributions.get(name, ("loguniform", None, None))
             if low is not None and not extrapolate:
                 margin = 1e-9 * max(1.0, abs(low), abs(high))
                 if not low - margin <= value <= high + margin:

@@ -13,11 +13,15 @@ module (``package.module:make``) that declares
   (``name -> fem.Constant`` whose value a task sets, or a callable that applies a
   task's value, e.g. by interpolating a field or moving the mesh).
 
+``PARAMETERS`` and ``SPLITS`` may come from a TOML file instead
+(:func:`read_distributions`): its ``[parameters]`` table (``kappa = ["loguniform",
+1.0, 1e4]``) and optional ``[splits]`` table replace the file's.
+
 The forms are compiled once; each task sets the parameters and is assembled
 serially (``MPI.COMM_SELF``) on DOLFINx's stored pattern, symmetrised, with
 Dirichlet rows and columns replaced by identity and the conditions lifted into
-``b``. Datasets are cached on disk, keyed by the file's contents and function.
-Example: ``examples/heterogeneous_poisson.py``.
+``b``. Datasets are cached on disk, keyed by the file's contents and function and
+the distributions. Example: ``examples/heterogeneous_poisson.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import importlib.util
 import json
 import math
 import sys
+import tomllib
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,10 +61,12 @@ __all__ = [
     "DEFAULT_SPLITS",
     "MATRIX_FEATURES",
     "Distribution",
+    "Distributions",
     "FamilyError",
     "FamilySource",
     "UserFamily",
     "load_family",
+    "read_distributions",
 ]
 
 #: Task counts of the splits when a family file declares no ``SPLITS``.
@@ -87,8 +94,8 @@ class Distribution:
 
     @classmethod
     def parse(cls, name: str, value: Any, where: str) -> Distribution:
-        """``(kind, low, high)`` as a family file declares it, checked."""
-        usage = f'declare it as {name!r}: ("loguniform", 1.0, 1e4) or ("uniform", 0.0, 1.0)'
+        """``(kind, low, high)`` as a family file or a distributions file declares it, checked."""
+        usage = "give its kind, low and high, e.g. ['loguniform', 1.0, 1e4] or ['uniform', 0, 1]"
         if not (isinstance(value, tuple | list) and len(value) == 3):
             raise FamilyError(f"{where}: parameter {name!r} is {value!r}; {usage}")
         kind, low, high = value
@@ -123,6 +130,69 @@ class Distribution:
 
 
 @dataclass(frozen=True)
+class Distributions:
+    """Distributions of the parameters, and optionally the splits, declared outside a family
+    file (e.g. in a TOML file, :func:`read_distributions`); they replace the file's.
+
+    Attributes:
+        parameters: Each parameter's distribution, in the order declared.
+        splits: The task counts of ``train``, ``validation`` and ``test`` (``None``: the
+            family file's).
+        origin: Where the parameters were declared, as errors name it.
+    """
+
+    parameters: dict[str, Distribution]
+    splits: dict[str, int] | None
+    origin: str
+
+    @classmethod
+    def parse(cls, tables: Any, where: str) -> Distributions:
+        """The tables of a distributions file, ``{"parameters": {name: [kind, low, high]},
+        "splits": {...}}`` (splits optional), checked; errors begin with ``where``."""
+        if not isinstance(tables, Mapping):
+            raise FamilyError(f"{where}: expected tables [parameters] and [splits], got {tables!r}")
+        unknown = sorted(set(tables) - {"parameters", "splits"})
+        if unknown:
+            raise FamilyError(
+                f"{where}: unknown entries {unknown}; a distributions file holds the table "
+                "[parameters] and optionally [splits]"
+            )
+        declared = tables.get("parameters")
+        if not isinstance(declared, Mapping) or not declared:
+            raise FamilyError(
+                f"{where} declares no [parameters] table: give each parameter as "
+                'name = [kind, low, high], e.g. kappa = ["loguniform", 1.0, 1e4]'
+            )
+        parameters = _parameters(declared, where)
+        splits = _splits(tables["splits"], f"{where}: [splits]") if "splits" in tables else None
+        return cls(parameters, splits, f"[parameters] of {where}")
+
+    def tables(self) -> dict[str, Any]:
+        """The tables as a distributions file holds them (plain lists and numbers, for JSON)."""
+        tables: dict[str, Any] = {
+            "parameters": {name: [d.kind, d.low, d.high] for name, d in self.parameters.items()}
+        }
+        if self.splits is not None:
+            tables["splits"] = dict(self.splits)
+        return tables
+
+
+def read_distributions(path: str | Path) -> Distributions:
+    """The ``[parameters]`` and optional ``[splits]`` tables of the TOML file ``path``,
+    checked: ``kappa = ["loguniform", 1.0, 1e4]`` under ``[parameters]`` for each
+    parameter, ``train = 200``, ``validation = 50`` and ``test = 100`` under ``[splits]``."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FamilyError(f"distributions file {path} does not exist")
+    try:
+        with path.open("rb") as stream:
+            tables = tomllib.load(stream)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise FamilyError(f"{path} is not valid TOML: {err}") from None
+    return Distributions.parse(tables, str(path))
+
+
+@dataclass(frozen=True)
 class FamilySource:
     """A loaded family file: what it declares and where it came from.
 
@@ -131,9 +201,11 @@ class FamilySource:
         label: ``FILE.py:FUNCTION`` as errors name it.
         path: The file.
         make: The function that builds the forms.
-        parameters: Each parameter's distribution, in the file's order.
+        parameters: Each parameter's distribution, in the order declared.
         splits: The task counts of ``train``, ``validation`` and ``test``.
         digest: SHA-256 of the file's contents and the function's name.
+        declared: Where the parameters were declared, as errors name it (e.g.
+            ``PARAMETERS in FILE.py``).
     """
 
     spec: str
@@ -143,6 +215,7 @@ class FamilySource:
     parameters: dict[str, Distribution]
     splits: dict[str, int]
     digest: str
+    declared: str
 
     def fail(self, doing: str, err: BaseException) -> FamilyError:
         """A :class:`FamilyError` for ``err``, raised while ``doing``, naming the file's line."""
@@ -151,8 +224,12 @@ class FamilySource:
         return FamilyError(f"{where}: {doing} failed: {type(err).__name__}: {first}")
 
 
-def load_family(spec: str) -> FamilySource:
-    """Load the family ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` and check its declarations."""
+def load_family(spec: str, distributions: Distributions | None = None) -> FamilySource:
+    """Load the family ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` and check its declarations.
+
+    ``distributions`` replace the file's ``PARAMETERS`` (which it may then leave out) and,
+    where they give splits, its ``SPLITS``.
+    """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise FamilyError(
             f"family must be FILE.py:FUNCTION or MODULE:FUNCTION (e.g. family.py:make), "
@@ -181,20 +258,23 @@ def load_family(spec: str) -> FamilySource:
                            if callable(value) and getattr(value, "__module__", None)
                            == module.__name__)  # fmt: skip
         raise FamilyError(f"{path} defines no function {function!r}; its functions: {functions}")
-    declared = getattr(module, "PARAMETERS", None)
-    if not isinstance(declared, Mapping) or not declared:
-        raise FamilyError(
-            f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
-            'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e4)}'
-        )
-    parameters = {}
-    for name, value in declared.items():
-        if not (isinstance(name, str) and name.isidentifier()):
-            raise FamilyError(f"{path}: parameter names must be identifiers, got {name!r}")
-        parameters[name] = Distribution.parse(name, value, str(path))
-    splits = _splits(getattr(module, "SPLITS", DEFAULT_SPLITS), path)
+    splits = None
+    if distributions is not None:
+        parameters, declared = distributions.parameters, distributions.origin
+        splits = distributions.splits
+    else:
+        table = getattr(module, "PARAMETERS", None)
+        if not isinstance(table, Mapping) or not table:
+            raise FamilyError(
+                f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
+                'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e4)}, or give them in a TOML file '
+                "(femeta train family --distributions FILE.toml)"
+            )
+        parameters, declared = _parameters(table, str(path)), f"PARAMETERS in {path}"
+    if splits is None:
+        splits = _splits(getattr(module, "SPLITS", DEFAULT_SPLITS), f"{path}: SPLITS")
     digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
-    return FamilySource(spec, label, path, make, parameters, splits, digest)
+    return FamilySource(spec, label, path, make, parameters, splits, digest, declared)
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -219,7 +299,16 @@ def _where(err: BaseException, path: Path, otherwise: str) -> str:
     return f"{path}, line {lines[-1]}" if lines else otherwise
 
 
-def _splits(value: Any, path: Path) -> dict[str, int]:
+def _parameters(declared: Mapping[Any, Any], where: str) -> dict[str, Distribution]:
+    parameters = {}
+    for name, value in declared.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise FamilyError(f"{where}: parameter names must be identifiers, got {name!r}")
+        parameters[name] = Distribution.parse(name, value, where)
+    return parameters
+
+
+def _splits(value: Any, where: str) -> dict[str, int]:
     if (
         not isinstance(value, Mapping)
         or set(value) != set(DEFAULT_SPLITS)
@@ -228,8 +317,7 @@ def _splits(value: Any, path: Path) -> dict[str, int]:
         )
     ):
         raise FamilyError(
-            f"{path}: SPLITS must give integers >= 1 for exactly {list(DEFAULT_SPLITS)}, "
-            f"got {value!r}"
+            f"{where} must give integers >= 1 for exactly {list(DEFAULT_SPLITS)}, got {value!r}"
         )
     return {name: int(value[name]) for name in DEFAULT_SPLITS}
 
@@ -437,14 +525,14 @@ def parameter_setters(source: FamilySource, built: Any) -> dict[str, Callable[[f
     for name in given:
         if name not in source.parameters:
             raise FamilyError(
-                f"{source.label} uses parameter {name!r}, which PARAMETERS in {source.path} "
-                f'does not declare; add e.g. {name!r}: ("uniform", 0.0, 1.0)'
+                f"{source.label} uses parameter {name!r}, which {source.declared} does not "
+                "declare; add it there with its kind, low and high"
             )
     for name in source.parameters:
         if name not in given:
             raise FamilyError(
-                f"PARAMETERS in {source.path} declares {name!r}, but {source.label} returns "
-                "no such entry in 'parameters'"
+                f"{source.declared} declares {name!r}, but {source.label} returns no such "
+                "entry in 'parameters'"
             )
     setters = {}
     for name, target in given.items():
