@@ -27,17 +27,12 @@ the distributions. Example: ``examples/heterogeneous_poisson.py``.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import math
-import sys
 import tomllib
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -46,6 +41,7 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
+from femeta.family_file import FamilyError, failure, import_family
 from femeta.parallel import on_root, world
 from femeta.problems.base import (
     TaskSet,
@@ -78,10 +74,6 @@ MATRIX_FEATURES = ("log_diag_min", "log_diag_max", "log_norm_inf", "log_norm_fro
 KINDS = ("uniform", "loguniform")
 # Format 2: CSR pattern once, the values, b, params and features of every task.
 _CACHE_FORMAT = 2
-
-
-class FamilyError(ValueError):
-    """A family file is missing, malformed, or its forms fail; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -219,9 +211,7 @@ class FamilySource:
 
     def fail(self, doing: str, err: BaseException) -> FamilyError:
         """A :class:`FamilyError` for ``err``, raised while ``doing``, naming the file's line."""
-        where = _where(err, self.path, self.label)
-        first = (str(err).strip().splitlines() or [""])[0]
-        return FamilyError(f"{where}: {doing} failed: {type(err).__name__}: {first}")
+        return failure(err, self.path, doing, self.label)
 
 
 def load_family(spec: str, distributions: Distributions | None = None) -> FamilySource:
@@ -230,40 +220,14 @@ def load_family(spec: str, distributions: Distributions | None = None) -> Family
     ``distributions`` replace the file's ``PARAMETERS`` (which it may then leave out) and,
     where they give splits, its ``SPLITS``.
     """
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise FamilyError(
-            f"family must be FILE.py:FUNCTION or MODULE:FUNCTION (e.g. family.py:make), "
-            f"got {spec!r}"
-        )
-    where, function = spec.split(":")
-    import_dolfinx()  # a family file imports DOLFINx: MPI first
-    if where.endswith(".py") or "/" in where:
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise FamilyError(f"family file {where} does not exist")
-        module = _import_file(path)
-        spec = f"{path}:{function}"
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise FamilyError(f"cannot import the family module {where!r}: {err}") from err
-        if getattr(module, "__file__", None) is None:
-            raise FamilyError(f"the family module {where!r} has no source file")
-        path = Path(module.__file__).resolve()
-    label = f"{path.name}:{function}"
-    make = getattr(module, function, None)
-    if not callable(make):
-        functions = sorted(name for name, value in vars(module).items()
-                           if callable(value) and getattr(value, "__module__", None)
-                           == module.__name__)  # fmt: skip
-        raise FamilyError(f"{path} defines no function {function!r}; its functions: {functions}")
+    code = import_family(spec)
+    path = code.path
     splits = None
     if distributions is not None:
         parameters, declared = distributions.parameters, distributions.origin
         splits = distributions.splits
     else:
-        table = getattr(module, "PARAMETERS", None)
+        table = getattr(code.module, "PARAMETERS", None)
         if not isinstance(table, Mapping) or not table:
             raise FamilyError(
                 f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
@@ -272,31 +236,11 @@ def load_family(spec: str, distributions: Distributions | None = None) -> Family
             )
         parameters, declared = _parameters(table, str(path)), f"PARAMETERS in {path}"
     if splits is None:
-        splits = _splits(getattr(module, "SPLITS", DEFAULT_SPLITS), f"{path}: SPLITS")
+        splits = _splits(getattr(code.module, "SPLITS", DEFAULT_SPLITS), f"{path}: SPLITS")
+    function = code.spec.rsplit(":", 1)[1]
     digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
-    return FamilySource(spec, label, path, make, parameters, splits, digest, declared)
-
-
-def _import_file(path: Path) -> ModuleType:
-    name = "femeta_family_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    loader = importlib.util.spec_from_file_location(name, path)
-    if loader is None or loader.loader is None:
-        raise FamilyError(f"cannot load {path} as Python")
-    module = importlib.util.module_from_spec(loader)
-    sys.modules[name] = module  # dataclasses and pickling look a module up there
-    try:
-        loader.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[name]
-        where = _where(err, path, str(path))
-        raise FamilyError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
-    return module
-
-
-def _where(err: BaseException, path: Path, otherwise: str) -> str:
-    """``FILE, line N``: the last line of ``path`` in ``err``'s traceback, or ``otherwise``."""
-    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
-    return f"{path}, line {lines[-1]}" if lines else otherwise
+    return FamilySource(code.spec, code.label, path, code.make, parameters, splits, digest,
+                        declared)  # fmt: skip
 
 
 def _parameters(declared: Mapping[Any, Any], where: str) -> dict[str, Distribution]:
