@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import femeta
 from femeta import cli
 from femeta._fenics import has_dolfinx, import_dolfinx
 from femeta.problems.family import (
+    MATRIX_FEATURES,
     FamilyError,
     UserFamily,
     load_family,
@@ -365,6 +367,131 @@ def test_a_broken_family_is_named_with_its_file_and_parameter(tmp_path, case):
         UserFamily(load_family(f"{path}:make"), cache=False).sample(1, seed=0)
     message = str(raised.value)
     assert expected in message and "family.py" in message
+
+
+def with_statistics(statistics: str) -> str:
+    """The family with ``STATISTICS = statistics`` (line 8 of the file)."""
+    return FAMILY.replace(SPLITS, f"{SPLITS}STATISTICS = {statistics}\n")
+
+
+def test_a_statistic_of_the_family_file_is_an_input_and_a_script_computes_it_from_its_matrix(
+    tmp_path, monkeypatch, capsys
+):
+    from dolfinx import fem
+    from dolfinx.fem import petsc as dolfinx_petsc
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from femeta.experiments import get_experiment
+    from femeta.fenics import LinearProblem, configure
+    from femeta.workflow import load_metasolver
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = with_statistics('{"log_trace": lambda A: math.log(A.getDiagonal().sum())}')
+    family = f"{write_family(tmp_path, 'import math' + text)}:make"
+    out = tmp_path / "run"
+    run(capsys, "train", "family", "--family", family, "--epochs", 1, "--batch-size", 8,
+        "--no-monitor", "--out", out)  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["features"][-1] == "log_trace"
+    assert config["model"]["family_statistics"] == ["log_trace"]
+    experiment, network = load_metasolver(out, "family")
+    tasks = experiment.tasks("test", 0)
+    assert experiment.input_names == ["kappa", "load", *MATRIX_FEATURES, "log_trace"]
+    # The network reads it as it comes: here log trace(A), of the matrix training solves.
+    trace = tasks["A"].diagonal().sum(dim=1)
+    assert torch.allclose(tasks["features"][:, -1], trace.log(), rtol=1e-12)
+    for inputs, names in (("parameters", ["kappa", "load"]),
+                          ("matrix", [*MATRIX_FEATURES, "log_trace"])):  # fmt: skip
+        assert get_experiment("family", family=family, family_inputs=inputs).input_names == names
+
+    model = femeta.load(out)
+    assert model.statistics == ("diag_min", "diag_max", "norm_inf", "norm_fro", "log_trace")
+    assert model.needs_matrix and list(model.parameters) == ["kappa", "load"]
+    with torch.no_grad():
+        expected = network(tasks["features"])
+    built = load_family(family).make(MPI.COMM_SELF)
+    bilinear = fem.form(built["a"])
+    for task in range(2):
+        values = dict(zip(("kappa", "load"), tasks["params"][task].tolist(), strict=True))
+        logs = tasks["features"][task, 2:6].exp().tolist()
+        serial = dict(zip(model.statistics, [*logs, float(tasks["features"][task, -1])],
+                          strict=True))  # fmt: skip
+        predicted = model.predict(**values, **serial)
+        assert predicted == pytest.approx(float(expected[task]), rel=1e-9)
+        for name, value in values.items():
+            built["parameters"][name].value = value
+        A = dolfinx_petsc.assemble_matrix(bilinear, bcs=built["bcs"])
+        A.assemble()
+        ksp = PETSc.KSP().create(MPI.COMM_SELF)
+        ksp.setOperators(A)
+        alpha = configure(ksp, model, **values).alpha  # log trace(A) from the family file
+        assert alpha == pytest.approx(predicted, rel=1e-9)
+        ksp.destroy()
+        A.destroy()
+    problem = LinearProblem(built["a"], built["L"], bcs=built["bcs"], model=model, params=values,
+                            petsc_options_prefix="statistics_")  # fmt: skip
+    problem.solve()
+    assert problem.report.converged and problem.report.attempts[0].alpha == alpha
+    with pytest.raises(ValueError, match="missing matrix statistic 'log_trace'"):
+        model.predict(**values, **{name: 1.0 for name in model.statistics[:4]})
+
+
+BAD_STATISTICS = {
+    "one that raises": (
+        '{"bad": lambda A: 1 / 0}',
+        "family.py, line 8: statistic 'bad' failed: ZeroDivisionError: division by zero",
+    ),
+    "one that returns nan": (
+        '{"bad": lambda A: float("nan")}',
+        "family.py: statistic 'bad' returned nan; it must return a finite float",
+    ),
+    "one that returns no number": (
+        '{"bad": lambda A: A.getDiagonal().getArray()}',
+        "family.py: statistic 'bad' returned array([",
+    ),
+}
+BAD_DECLARATIONS = {
+    "one named as a parameter": (
+        '{"kappa": lambda A: 1.0}',
+        "family.py: statistic 'kappa' has the name of a parameter in PARAMETERS in",
+    ),
+    "one named as femeta's own": (
+        '{"norm_fro": lambda A: 1.0}',
+        "family.py: statistic 'norm_fro' has the name of one femeta computes itself",
+    ),
+    "one that is no function": (
+        '{"bad": 1.0}',
+        "family.py: statistic 'bad' is 1.0, not a function(A) -> float",
+    ),
+    "not a dict": ("[len]", "family.py: STATISTICS must be a dict name -> function(A) -> float"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATISTICS))
+def test_a_failing_statistic_is_named_with_its_file_in_training_and_in_a_script(tmp_path, case):
+    from mpi4py import MPI
+
+    from femeta.fenics import matrix_statistics
+    from femeta.problems.family import family_system
+
+    statistics, expected = BAD_STATISTICS[case]
+    spec = f"{write_family(tmp_path, with_statistics(statistics))}:make"
+    source = load_family(spec)
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        UserFamily(source, cache=False).sample(1, seed=0)
+    A, _b, _built = family_system(source, MPI.COMM_SELF, {"kappa": 1.0, "load": 1.0})
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        matrix_statistics(A, ("norm_fro", "bad"), spec)
+    A.destroy()
+
+
+@pytest.mark.parametrize("case", list(BAD_DECLARATIONS))
+def test_a_bad_statistics_declaration_is_named_with_its_file(tmp_path, case):
+    statistics, expected = BAD_DECLARATIONS[case]
+    path = write_family(tmp_path, with_statistics(statistics))
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        load_family(f"{path}:make")
 
 
 @pytest.mark.parametrize(

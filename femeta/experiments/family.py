@@ -32,15 +32,16 @@ __all__ = ["FAMILY_INPUTS", "FamilyIccg"]
 FAMILY_INPUTS = {
     "all": "the parameters and the statistics of A",
     "parameters": "the parameters (log for log-uniform ones), standardised",
-    "matrix": "log min and max of diag(A) off the Dirichlet rows, log ||A||_inf and ||A||_F",
+    "matrix": "log min and max of diag(A) off the Dirichlet rows, log ||A||_inf and ||A||_F, "
+    "and the family file's STATISTICS",
 }
 
 FAMILY = Option(
     "family",
     str,
     "the family of problems: FILE.py:FUNCTION or MODULE:FUNCTION, a file that declares "
-    "PARAMETERS (name -> (kind, low, high); or see --distributions) and whose function "
-    "returns the DOLFINx forms "
+    "PARAMETERS (name -> (kind, low, high); or see --distributions), optionally STATISTICS "
+    "of A, and whose function returns the DOLFINx forms "
     "(e.g. examples/heterogeneous_poisson.py:make).",
     shown="none: required",
     evaluate="the family file of the test tasks, FILE.py:FUNCTION.",
@@ -60,8 +61,8 @@ INPUTS = Option(
     "family_inputs",
     str,
     "what the network sees: 'all', the parameters (log for log-uniform ones) and "
-    "statistics of the assembled A (log range of its diagonal, log norms); 'parameters'; "
-    "'matrix'.",
+    "statistics of the assembled A (log range of its diagonal, log norms, the family file's "
+    "STATISTICS); 'parameters'; 'matrix'.",
     default="all",
     choices=tuple(FAMILY_INPUTS),
 )
@@ -135,7 +136,7 @@ class FamilyIccg(ShiftExperiment):
         if self.family_inputs == "parameters":
             return list(self.problem.param_names)
         if self.family_inputs == "matrix":
-            return list(MATRIX_FEATURES)
+            return [*MATRIX_FEATURES, *self.problem.source.statistics]
         return list(self.problem.feature_names)
 
     @classmethod
@@ -185,12 +186,14 @@ class FamilyIccg(ShiftExperiment):
         return network.to(self.device)
 
     def model_spec(self, train_tasks: TaskSet) -> dict[str, Any]:
-        """The network's inputs, the family's distributions and Psi_base's shift."""
+        """The network's inputs (the file's statistics among them), the family's distributions
+        and Psi_base's shift."""
         source = self.problem.source
         return {
             "network": "ShiftNet",
             "log_inputs": False,
             "features": self.input_names,
+            "family_statistics": [n for n in self.input_names if n in source.statistics],
             "distributions": {name: [d.kind, d.low, d.high]
                               for name, d in source.parameters.items()},
             "family_sha256": source.digest,

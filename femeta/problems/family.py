@@ -7,6 +7,10 @@ module (``package.module:make``) that declares
   ``"uniform"`` or ``"loguniform"`` (``0 < low``), one entry per parameter;
 - optionally ``SPLITS``: a dict of the ``train``, ``validation`` and ``test``
   task counts (default :data:`DEFAULT_SPLITS`);
+- optionally ``STATISTICS``: a dict ``name -> function(A) -> float`` of further
+  statistics of the assembled ``petsc4py`` matrix ``A`` that Psi_nn reads as they
+  come (return a log for one that spans decades); each is collective on ``A``'s
+  communicator, so that every process of a script gets the same value;
 - the named function, called once with an MPI communicator, which returns a dict
   with ``"a"`` (a symmetric positive definite bilinear UFL form), ``"L"`` (a
   linear form), ``"bcs"`` (a list of Dirichlet conditions) and ``"parameters"``
@@ -41,8 +45,14 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
-from femeta.family_file import FamilyError, failure, import_family
-from femeta.parallel import on_root, world
+from femeta.family_file import (
+    FamilyError,
+    Statistic,
+    failure,
+    import_family,
+    statistic_values,
+)
+from femeta.parallel import collective, merged, on_root, world
 from femeta.problems.base import (
     TaskSet,
     assemble_shared,
@@ -72,8 +82,9 @@ DEFAULT_SPLITS = {"train": 500, "validation": 100, "test": 100}
 #: makes identity rows, are not), and two norms. A script computes them from its matrix alone.
 MATRIX_FEATURES = ("log_diag_min", "log_diag_max", "log_norm_inf", "log_norm_fro")
 KINDS = ("uniform", "loguniform")
-# Format 2: CSR pattern once, the values, b, params and features of every task.
-_CACHE_FORMAT = 2
+# Format 3: CSR pattern once, the values, b, params and features (the file's STATISTICS
+# included) of every task.
+_CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ class FamilySource:
         parameters: Each parameter's distribution, in the order declared.
         splits: The task counts of ``train``, ``validation`` and ``test``.
         digest: SHA-256 of the file's contents and the function's name.
+        statistics: The file's ``STATISTICS`` of ``A``, in its order.
         declared: Where the parameters were declared, as errors name it (e.g.
             ``PARAMETERS in FILE.py``).
     """
@@ -207,6 +219,7 @@ class FamilySource:
     parameters: dict[str, Distribution]
     splits: dict[str, int]
     digest: str
+    statistics: dict[str, Statistic]
     declared: str
 
     def fail(self, doing: str, err: BaseException) -> FamilyError:
@@ -237,10 +250,16 @@ def load_family(spec: str, distributions: Distributions | None = None) -> Family
         parameters, declared = _parameters(table, str(path)), f"PARAMETERS in {path}"
     if splits is None:
         splits = _splits(getattr(code.module, "SPLITS", DEFAULT_SPLITS), f"{path}: SPLITS")
+    for name in code.statistics:
+        if name in parameters:
+            raise FamilyError(
+                f"{path}: statistic {name!r} has the name of a parameter in {declared}; "
+                "rename one of them"
+            )
     function = code.spec.rsplit(":", 1)[1]
     digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
     return FamilySource(code.spec, code.label, path, code.make, parameters, splits, digest,
-                        declared)  # fmt: skip
+                        code.statistics, declared)  # fmt: skip
 
 
 def _parameters(declared: Mapping[Any, Any], where: str) -> dict[str, Distribution]:
@@ -289,7 +308,7 @@ class UserFamily:
         #: The task counts of the splits: ``splits``, else what the file declares.
         self.splits = dict(source.splits if splits is None else splits)
         self.param_names = tuple(source.parameters)
-        self.feature_names = (*self.param_names, *MATRIX_FEATURES)
+        self.feature_names = (*self.param_names, *MATRIX_FEATURES, *source.statistics)
         if not cache:
             self.cache_dir = None
         else:
@@ -318,9 +337,10 @@ class UserFamily:
         """Draw and assemble ``count`` tasks, deterministically from ``seed``.
 
         Fields: ``A`` (a :class:`SparseBatch`), ``b`` ``(count, N)``, ``params``
-        ``(count, P)`` and ``features`` ``(count, P + 4)`` in the order of
+        ``(count, P)`` and ``features`` ``(count, P + 4 + S)`` in the order of
         :attr:`feature_names`: the parameters on the scale their distribution is
-        uniform on (log for log-uniform ones), then :data:`MATRIX_FEATURES`.
+        uniform on (log for log-uniform ones), :data:`MATRIX_FEATURES`, then the S
+        statistics of the file's ``STATISTICS``, as they come.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
@@ -344,7 +364,29 @@ class UserFamily:
         low, high = diagonal_range(A)
         norms = A.norms()
         stats = [low, high, norms[:, 1], norms[:, 2]]
-        return torch.stack([*scaled, *(s.abs().clamp_min(1e-300).log() for s in stats)], dim=1)
+        logs = [s.abs().clamp_min(1e-300).log() for s in stats]
+        return torch.cat([torch.stack([*scaled, *logs], dim=1), self._statistics(A)], dim=1)
+
+    def _statistics(self, A: SparseBatch) -> Tensor:
+        """The file's ``STATISTICS`` of each matrix, ``(count, S)``: those of task ``k``
+        computed on rank ``k mod size`` (as a serial PETSc matrix), then sent to all ranks."""
+        source, comm = self.source, world()
+        if not source.statistics:
+            return torch.zeros(len(A), 0, dtype=torch.float64)
+
+        def mine() -> dict[int, list[float]]:
+            rows = {}
+            for task in range(comm.rank, len(A), comm.size):
+                matrix = _petsc_matrix(A, task)
+                try:
+                    values = statistic_values(matrix, source.statistics, source.path)
+                finally:
+                    matrix.destroy()
+                rows[task] = list(values.values())
+            return rows
+
+        rows = merged(comm, collective(comm, mine))
+        return torch.tensor([rows[task] for task in range(len(A))], dtype=torch.float64)
 
     def _cache_path(self, count: int, seed: int) -> Path | None:
         if self.cache_dir is None:
@@ -543,6 +585,17 @@ def diagonal_range(A: SparseBatch) -> tuple[Tensor, Tensor]:
     coupled |= ~coupled.any(dim=1, keepdim=True)
     low = torch.where(coupled, diagonal, torch.inf).amin(dim=1)
     return low, torch.where(coupled, diagonal, 0.0).amax(dim=1)
+
+
+def _petsc_matrix(A: SparseBatch, task: int) -> Any:
+    """Matrix ``task`` of ``A`` as a serial PETSc AIJ matrix that stores A's pattern, zeros
+    included, as a script's matrix stores them."""
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    indptr, indices = A.csr
+    csr = (indptr, indices, A.values[task].cpu().numpy())
+    return PETSc.Mat().createAIJ(A.shape[1:], csr=csr, comm=MPI.COMM_SELF)
 
 
 def _constant_setter(constant: Any) -> Callable[[float], None]:
