@@ -106,6 +106,7 @@ def statistic_values(A: Any, statistics: Mapping[str, Statistic], path: Path) ->
     for name, function in statistics.items():
         value = collective(comm, functools.partial(_value, name, function, A, path))
         everywhere = comm.allgather(value)
+        # A sum reduced in another order on another process may differ in its last bits.
         if max(everywhere) - min(everywhere) > 1e-9 * max(abs(v) for v in everywhere):
             raise FamilyError(
                 f"{path}: statistic {name!r} differs between the processes ({everywhere}); it "
