@@ -34,11 +34,10 @@ from petsc4py import PETSc  # noqa: E402
 
 import femeta  # noqa: E402
 from femeta import comparison  # noqa: E402
-from femeta.experiments import EXPERIMENTS  # noqa: E402
+from femeta.experiments import EXPERIMENTS, get_experiment  # noqa: E402
 from femeta.fenics import ShiftedICC, configure, set_icc  # noqa: E402
 from femeta.problems.base import split_size_and_seed  # noqa: E402
 from femeta.problems.elasticity import SPLITS, ElasticBeam  # noqa: E402
-from femeta.problems.family import DEFAULT_SPLITS, UserFamily, load_family  # noqa: E402
 from femeta.workflow import base_alpha  # noqa: E402
 
 GRID = np.logspace(-5, 1, 31)
@@ -102,9 +101,8 @@ def _test_tasks(model: femeta.Model, args: argparse.Namespace) -> list[dict]:
     config = json.loads((model.run_dir / "config.json").read_text())
     seed = config["options"]["seed"]
     if model.problem == "family":
-        saved = config["problem_params"].get("splits")
-        splits = None if saved is None else dict(zip(DEFAULT_SPLITS, saved, strict=True))
-        family = UserFamily(load_family(model.family), cache=False, splits=splits)
+        # The family, distributions and splits the model was trained on, as it saved them.
+        family = get_experiment("family", **config["problem_params"]).problem
         count, seed = split_size_and_seed("test", seed, family.splits)
         return [
             {"param": [f"{name}={value!r}" for name, value in zip(family.param_names, row,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from femeta._fenics import import_dolfinx
+from femeta.family_file import FamilyError, import_family, statistic_values
 from femeta.model import Model
 
 import_dolfinx()
@@ -55,6 +56,8 @@ __all__ = [
 logger = logging.getLogger("femeta")
 # Reasons after which a larger shift is the cure: IC(0) met a zero or a negative pivot.
 _BREAKDOWNS = ("DIVERGED_PCSETUP_FAILED", "DIVERGED_INDEFINITE_PC")
+# The statistics of A computed here; others are a family file's own (its STATISTICS).
+_BUILT_IN = ("norm_1", "norm_inf", "norm_fro", "diag_min", "diag_max")
 _REASONS = {
     int(getattr(PETSc.KSP.ConvergedReason, name)): name
     for name in dir(PETSc.KSP.ConvergedReason)
@@ -275,8 +278,9 @@ def configure(
     """Set ``ksp`` up for the shift ``model`` predicts from ``params`` (or a given shift).
 
     ``model`` is a loaded :class:`~femeta.model.Model` that predicts a shift,
-    or the shift itself. A model that reads norms of the matrix gets them from
-    the KSP's operator. All processes use the first one's shift. ``extrapolate``
+    or the shift itself. A model that reads statistics of the matrix gets them
+    from the KSP's operator (a family model's own from its family file, which
+    must still be there). All processes use the first one's shift. ``extrapolate``
     lets the model predict outside its training ranges.
 
     Raises:
@@ -343,17 +347,25 @@ def _predict(model: Model, ksp: PETSc.KSP, params: Mapping[str, Any], extrapolat
     params = dict(params)
     if model.needs_matrix:
         A, _ = ksp.getOperators()
-        params |= matrix_statistics(A, model.statistics)
+        params |= matrix_statistics(A, model.statistics, model.family)
     return model.predict(extrapolate=extrapolate, **params)
 
 
-def matrix_statistics(A: PETSc.Mat, names: tuple[str, ...]) -> dict[str, float]:
+def matrix_statistics(
+    A: PETSc.Mat, names: tuple[str, ...], family: str | None = None
+) -> dict[str, float]:
     """The statistics of ``A`` a model reads (:attr:`~femeta.model.Model.statistics`).
 
     ``norm_1``, ``norm_inf``, ``norm_fro``: PETSc's norms; ``diag_min``, ``diag_max``:
     the range of ``|A_ii|`` over the rows with a nonzero off the diagonal (a Dirichlet
-    row, which assembly makes an identity row, has none). Collective on ``A``'s
-    communicator: every process gets the same numbers.
+    row, which assembly makes an identity row, has none). Any other name is one of the
+    ``STATISTICS`` of the family file ``family`` (``FILE.py:FUNCTION``, a model's
+    :attr:`~femeta.model.Model.family`), computed by its function. Collective on
+    ``A``'s communicator: every process gets the same numbers.
+
+    Raises:
+        ValueError: A name is neither built in nor declared by the family file, or a
+            statistic of the file fails (:class:`~femeta.family_file.FamilyError`).
     """
     norms = {
         "norm_1": PETSc.NormType.NORM_1,
@@ -363,7 +375,26 @@ def matrix_statistics(A: PETSc.Mat, names: tuple[str, ...]) -> dict[str, float]:
     values = {name: A.norm(norms[name]) for name in names if name in norms}
     if {"diag_min", "diag_max"} & set(names):
         values |= _diagonal_range(A)
+    own = [name for name in names if name not in _BUILT_IN]
+    if own:
+        values |= _family_statistics(A, own, family)
     return {name: values[name] for name in names}
+
+
+def _family_statistics(A: PETSc.Mat, names: list[str], family: str | None) -> dict[str, float]:
+    if family is None:
+        raise ValueError(
+            f"{names[0]!r} is not a statistic femeta computes ({list(_BUILT_IN)}); for one "
+            "of a family file's STATISTICS pass family='FILE.py:FUNCTION'"
+        )
+    code = import_family(family)
+    missing = [name for name in names if name not in code.statistics]
+    if missing:
+        raise FamilyError(
+            f"{code.path} declares no statistic {missing[0]!r} in STATISTICS (it declares "
+            f"{list(code.statistics)}); the model was trained with it"
+        )
+    return statistic_values(A, {name: code.statistics[name] for name in names}, code.path)
 
 
 def _diagonal_range(A: PETSc.Mat) -> dict[str, float]:

@@ -103,8 +103,11 @@ class Model:
         parameters: The names :meth:`predict` takes, with their trained ranges
             (``None`` where a parameter has none).
         statistics: The statistics of the assembled matrix that :meth:`predict`
-            also takes (e.g. ``norm_fro``, ``diag_min``); ``femeta.fenics`` computes them.
+            also takes (e.g. ``norm_fro``, ``diag_min``, or one that the family file
+            declares in ``STATISTICS``); ``femeta.fenics`` computes them.
         family: The family file of a model trained with ``femeta train family``.
+        distributions: A family model's distribution of each parameter,
+            ``name -> (kind, low, high)`` (empty for other models).
         run_dir: Where it was loaded from.
     """
 
@@ -116,14 +119,18 @@ class Model:
         self._features: list[str] = list(spec["features"])
         ranges = {name: tuple(bounds) for name, bounds in spec.get("ranges", {}).items()}
         # A family file's model: its inputs are the parameters on the scale of their
-        # distribution (log for log-uniform ones) and the logs of matrix statistics.
-        self._distributions: dict[str, tuple[str, float, float]] = {
+        # distribution (log for log-uniform ones), the logs of matrix statistics and the
+        # family file's own statistics as they come.
+        self.distributions: dict[str, tuple[str, float, float]] = {
             name: (kind, float(low), float(high))
             for name, (kind, low, high) in spec.get("distributions", {}).items()
         }
-        bounds = ranges | {name: d[1:] for name, d in self._distributions.items()}
+        self._file_statistics: tuple[str, ...] = tuple(spec.get("family_statistics", ()))
+        bounds = ranges | {name: d[1:] for name, d in self.distributions.items()}
         self.parameters: dict[str, tuple[float, float] | None] = {
-            _argument(name): bounds.get(name) for name in self._features if name not in STATISTICS
+            _argument(name): bounds.get(name)
+            for name in self._features
+            if name not in STATISTICS and name not in self._file_statistics
         }
         self.predicts: str = {
             "ShiftNet": "alpha",
@@ -141,9 +148,9 @@ class Model:
         read = {name for item in self._inputs for name in item.coefficients}
         self._unread = {name for name in MATRIX_FEATURES if name not in read}
         self.statistics: tuple[str, ...] = tuple(
-            STATISTICS[name]
+            STATISTICS.get(name, name)
             for name in self._features
-            if name in STATISTICS and name not in self._unread
+            if (name in STATISTICS and name not in self._unread) or name in self._file_statistics
         )
 
     @property
@@ -174,7 +181,7 @@ class Model:
         if self._network == "EigenbasisGuess":
             coefficients = _mlp(self._layers, features[None, :], "silu")[0]
             return coefficients @ self._weights["basis"].T
-        if self._distributions:
+        if self.distributions:
             inputs = self._family_inputs(features, params, extrapolate)
         else:
             logs = np.log(np.maximum(features, 1e-30) if self._network == "NewtonSorNet"
@@ -197,7 +204,7 @@ class Model:
 
     def _feature_vector(self, params: Mapping[str, Any]) -> np.ndarray:
         given = params
-        statistics = set(self.statistics) | (set() if self._distributions else set(MATRIX_FEATURES))
+        statistics = set(self.statistics) | (set() if self.distributions else set(MATRIX_FEATURES))
         unknown = sorted(set(given) - set(self.parameters) - statistics)
         if unknown:
             raise ValueError(
@@ -211,7 +218,8 @@ class Model:
                 values.append(1.0)
                 continue
             if argument not in given:
-                what = "matrix statistic" if name in STATISTICS else "parameter"
+                statistic = name in STATISTICS or name in self._file_statistics
+                what = "matrix statistic" if statistic else "parameter"
                 needs = f" and the statistics of A ({', '.join(self.statistics)})"
                 raise ValueError(
                     f"missing {what} {argument!r}: this {self.problem} model takes "
@@ -231,7 +239,7 @@ class Model:
         for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
             number = _number(value)
             floor = 0.0 if self._network == "NewtonSorNet" and name.startswith("y") else None
-            if self._distributions.get(name, ("",))[0] == "uniform":
+            if name in self._file_statistics or self.distributions.get(name, ("",))[0] == "uniform":
                 valid, kind = math.isfinite(number), "finite number"
             else:
                 valid = math.isfinite(number) and (number >= 0 if floor is not None else number > 0)
@@ -245,10 +253,14 @@ class Model:
     def _family_inputs(
         self, values: np.ndarray, params: Mapping[str, Any], extrapolate: bool
     ) -> np.ndarray:
-        """A family model's inputs: each parameter on its distribution's scale, logs of A's."""
+        """A family model's inputs: each parameter on its distribution's scale, logs of A's
+        statistics, the family file's own statistics as they come."""
         inputs = np.empty(len(values))
         for index, (name, value) in enumerate(zip(self._features, values, strict=True)):
-            kind, low, high = self._distributions.get(name, ("loguniform", None, None))
+            if name in self._file_statistics:
+                inputs[index] = value
+                continue
+            kind, low, high = self.distributions.get(name, ("loguniform", None, None))
             if low is not None and not extrapolate:
                 margin = 1e-9 * max(1.0, abs(low), abs(high))
                 if not low - margin <= value <= high + margin:

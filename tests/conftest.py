@@ -114,6 +114,53 @@ def robertson_run(tmp_path_factory) -> Path:
     return _train_on_rank_0(train)
 
 
+#: A small family file whose network reads a statistic of A of its own, log trace(A).
+FAMILY_WITH_A_STATISTIC = """
+import math
+
+import numpy as np
+import ufl
+from dolfinx import default_scalar_type, fem, mesh
+
+PARAMETERS = {"kappa": ("loguniform", 1.0, 1e3)}
+SPLITS = {"train": 16, "validation": 4, "test": 4}
+STATISTICS = {"log_trace": lambda A: math.log(A.getDiagonal().sum())}
+
+
+def make(comm):
+    msh = mesh.create_unit_square(comm, 6, 6)
+    space = fem.functionspace(msh, ("Lagrange", 1))
+    kappa = fem.Constant(msh, default_scalar_type(1.0))
+    x = ufl.SpatialCoordinate(msh)
+    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
+    k = ufl.conditional(ufl.lt(x[0], 0.5), kappa, 1.0)
+    dofs = fem.locate_dofs_geometrical(space, lambda p: np.isclose(p[0], 0.0))
+    bc = fem.dirichletbc(default_scalar_type(0.0), dofs, space)
+    a = k * ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+    return {"a": a, "L": v * ufl.dx, "bcs": [bc], "parameters": {"kappa": kappa}}
+"""
+
+
+@pytest.fixture(scope="session")
+def family_run(tmp_path_factory) -> Path:
+    """A 1-epoch run of :data:`FAMILY_WITH_A_STATISTIC` (its tasks cached beside it)."""
+    if not has_dolfinx():
+        pytest.skip("needs DOLFINx to assemble a family")
+    from femeta.workflow import TrainOptions, train_metasolver
+
+    def train() -> Path:
+        directory = tmp_path_factory.mktemp("family")
+        path = directory / "family.py"
+        path.write_text(FAMILY_WITH_A_STATISTIC)
+        options = TrainOptions(problem="family", family=f"{path}:make", epochs=1, batch_size=8)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("XDG_CACHE_HOME", str(directory / "cache"))
+            train_metasolver(options, directory / "run")
+        return directory / "run"
+
+    return _train_on_rank_0(train)
+
+
 @dataclass
 class ScriptBeam:
     """A clamped beam as a DOLFINx script sets it up. ``A`` and ``b`` live on the mesh's

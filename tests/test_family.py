@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 import femeta
 from femeta import cli
 from femeta._fenics import has_dolfinx, import_dolfinx
-from femeta.problems.family import FamilyError, UserFamily, load_family
+from femeta.problems.family import (
+    MATRIX_FEATURES,
+    FamilyError,
+    UserFamily,
+    load_family,
+    read_distributions,
+)
 from femeta.solvers.iccg import iccg
 
 pytestmark = [
@@ -48,6 +55,20 @@ def make(comm):
         "bcs": [bc],
         "parameters": {"kappa": kappa, "load": load},
     }
+"""
+PARAMETERS = 'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e3), "load": ("uniform", 0.5, 2.0)}\n'
+SPLITS = 'SPLITS = {"train": 24, "validation": 8, "test": 8}\n'
+#: The family with its distributions kept in a TOML file instead (:data:`DISTRIBUTIONS`).
+BARE = FAMILY.replace(PARAMETERS, "").replace(SPLITS, "")
+DISTRIBUTIONS = """
+[parameters]
+kappa = ["loguniform", 1.0, 100.0]
+load = ["uniform", 0.5, 2.0]
+
+[splits]
+train = 16
+validation = 4
+test = 6
 """
 
 
@@ -102,7 +123,8 @@ def test_a_family_trains_and_evaluates_every_test_task_through_the_cli(
                "--out", out)  # fmt: skip
     assert said.startswith(f"saved {out}: kept epoch")
     config = json.loads((out / "config.json").read_text())
-    assert config["problem_params"] == {"family": family, "family_inputs": "all", "splits": None}
+    assert config["problem_params"] == {"family": family, "distributions": None,
+                                        "family_inputs": "all", "splits": None}  # fmt: skip
     assert config["model"]["features"][:2] == ["kappa", "load"]
     assert config["options"]["smooth"] == 0.25 and config["options"]["engine"] == "torch"
     check_the_script_api(out, family)
@@ -140,6 +162,115 @@ def test_splits_given_to_train_replace_the_file_s(tmp_path, monkeypatch, capsys)
     assert config["problem_params"]["splits"] == [12, 4, 6]
     summary = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
     assert summary["n_tasks"] == 6
+
+
+def test_a_family_trained_on_distributions_from_toml_needs_the_file_no_more(
+    tmp_path, monkeypatch, capsys
+):
+    from femeta.workflow import TrainOptions, load_metasolver
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    family = f"{write_family(tmp_path, BARE)}:make"
+    toml = tmp_path / "distributions.toml"
+    toml.write_text(DISTRIBUTIONS)
+    out = tmp_path / "run"
+    run(capsys, "train", "family", "--family", family, "--distributions", toml, "--epochs", 1,
+        "--batch-size", 8, "--no-monitor", "--out", out)  # fmt: skip
+    base = json.loads(run(capsys, "evaluate", "family", "--baseline", "base", "--family", family,
+                          "--distributions", toml, "--json"))  # fmt: skip
+    assert base["n_tasks"] == 6
+    toml.unlink()
+
+    config = json.loads((out / "config.json").read_text())
+    tables = {
+        "parameters": {"kappa": ["loguniform", 1.0, 100.0], "load": ["uniform", 0.5, 2.0]},
+        "splits": {"train": 16, "validation": 4, "test": 6},
+    }
+    assert config["problem_params"]["distributions"] == tables
+    assert TrainOptions.from_dict(config["options"]).distributions == tables  # as on --resume
+    summary = json.loads(run(capsys, "evaluate", "family", "--model", out, "--json"))
+    assert summary["n_tasks"] == 6 and summary["convergence_ratio"] == 1.0
+    solved = json.loads(run(capsys, "solve", "family", "--model", out, "--param", "kappa=10",
+                            "--param", "load=1.5", "--json"))  # fmt: skip
+    assert all(row["converged"] for row in solved["solvers"])
+
+    # predict reads the saved distributions: kappa on a log scale, in its trained range.
+    model = femeta.load(out)
+    assert model.parameters == {"kappa": (1.0, 100.0), "load": (0.5, 2.0)}
+    experiment, network = load_metasolver(out, "family")
+    tasks = experiment.tasks("test", 0)
+    values = dict(zip(("kappa", "load"), tasks["params"][0].tolist(), strict=True))
+    statistics = dict(zip(model.statistics, tasks["features"][0, 2:].exp().tolist(), strict=True))
+    with torch.no_grad():
+        expected = float(network(tasks["features"][:1])[0])
+    assert model.predict(**values, **statistics) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match=r"kappa = 200.0 is outside \[1, 100\]"):
+        model.predict(**(values | statistics | {"kappa": 200.0}))
+
+
+def test_the_dataset_cache_is_keyed_by_the_distributions(tmp_path):
+    path = write_family(tmp_path, BARE)
+    toml = tmp_path / "distributions.toml"
+
+    def sample(text: str) -> torch.Tensor:
+        toml.write_text(text)
+        source = load_family(f"{path}:make", read_distributions(toml))
+        return UserFamily(source, cache_dir=tmp_path / "cache").sample(2, seed=0)["params"]
+
+    first = sample(DISTRIBUTIONS)
+    wider = sample(DISTRIBUTIONS.replace("100.0", "1000.0"))
+    assert sample(DISTRIBUTIONS).equal(first) and not wider.equal(first)
+    assert len(list((tmp_path / "cache").glob("family-family-*.safetensors"))) == 2
+
+
+TOML_ERRORS = {
+    "a syntax error": (
+        DISTRIBUTIONS.replace("load = ", "load "),
+        "{toml} is not valid TOML: Expected '=' after a key in a key/value pair (at line 4",
+    ),
+    "an unknown kind": (
+        DISTRIBUTIONS.replace('"uniform", 0.5', '"normal", 0.5'),
+        "{toml}: parameter 'load' has kind 'normal'; expected one of ['uniform', 'loguniform']",
+    ),
+    "bounds out of order": (
+        DISTRIBUTIONS.replace('"uniform", 0.5, 2.0', '"uniform", 2.0, 0.5'),
+        "{toml}: parameter 'load' needs finite bounds low < high, got (2.0, 0.5)",
+    ),
+    "a parameter the forms use left out": (
+        DISTRIBUTIONS.replace('load = ["uniform", 0.5, 2.0]\n', ""),
+        "family.py:make uses parameter 'load', which [parameters] of {toml} does not declare",
+    ),
+    "a parameter the forms do not use": (
+        DISTRIBUTIONS.replace("[splits]", 'scale = ["uniform", 0, 1]\n\n[splits]'),
+        "[parameters] of {toml} declares 'scale', but family.py:make returns no such entry",
+    ),
+    "no [parameters] table": (
+        DISTRIBUTIONS.replace("[parameters]", "[parameter]"),
+        "{toml}: unknown entries ['parameter']; a distributions file holds the table "
+        "[parameters] and optionally [splits]",
+    ),
+    "a split of no tasks": (
+        DISTRIBUTIONS.replace("test = 6", "test = 0"),
+        "{toml}: [splits] must give integers >= 1 for exactly ['train', 'validation', 'test']",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOML_ERRORS))
+def test_a_bad_distributions_file_is_one_line_naming_it_and_the_parameter(
+    tmp_path, monkeypatch, capsys, case
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text, expected = TOML_ERRORS[case]
+    family = f"{write_family(tmp_path, BARE)}:make"
+    toml = tmp_path / "distributions.toml"
+    toml.write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["evaluate", "family", "--baseline", "base", "--family", family,
+                  "--distributions", str(toml)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert expected.format(toml=toml) in err
 
 
 def check_the_script_api(run_dir: Path, family: str) -> None:
@@ -236,6 +367,131 @@ def test_a_broken_family_is_named_with_its_file_and_parameter(tmp_path, case):
         UserFamily(load_family(f"{path}:make"), cache=False).sample(1, seed=0)
     message = str(raised.value)
     assert expected in message and "family.py" in message
+
+
+def with_statistics(statistics: str) -> str:
+    """The family with ``STATISTICS = statistics`` (line 8 of the file)."""
+    return FAMILY.replace(SPLITS, f"{SPLITS}STATISTICS = {statistics}\n")
+
+
+def test_a_statistic_of_the_family_file_is_an_input_and_a_script_computes_it_from_its_matrix(
+    tmp_path, monkeypatch, capsys
+):
+    from dolfinx import fem
+    from dolfinx.fem import petsc as dolfinx_petsc
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from femeta.experiments import get_experiment
+    from femeta.fenics import LinearProblem, configure
+    from femeta.workflow import load_metasolver
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = with_statistics('{"log_trace": lambda A: math.log(A.getDiagonal().sum())}')
+    family = f"{write_family(tmp_path, 'import math' + text)}:make"
+    out = tmp_path / "run"
+    run(capsys, "train", "family", "--family", family, "--epochs", 1, "--batch-size", 8,
+        "--no-monitor", "--out", out)  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["features"][-1] == "log_trace"
+    assert config["model"]["family_statistics"] == ["log_trace"]
+    experiment, network = load_metasolver(out, "family")
+    tasks = experiment.tasks("test", 0)
+    assert experiment.input_names == ["kappa", "load", *MATRIX_FEATURES, "log_trace"]
+    # The network reads it as it comes: here log trace(A), of the matrix training solves.
+    trace = tasks["A"].diagonal().sum(dim=1)
+    assert torch.allclose(tasks["features"][:, -1], trace.log(), rtol=1e-12)
+    for inputs, names in (("parameters", ["kappa", "load"]),
+                          ("matrix", [*MATRIX_FEATURES, "log_trace"])):  # fmt: skip
+        assert get_experiment("family", family=family, family_inputs=inputs).input_names == names
+
+    model = femeta.load(out)
+    assert model.statistics == ("diag_min", "diag_max", "norm_inf", "norm_fro", "log_trace")
+    assert model.needs_matrix and list(model.parameters) == ["kappa", "load"]
+    with torch.no_grad():
+        expected = network(tasks["features"])
+    built = load_family(family).make(MPI.COMM_SELF)
+    bilinear = fem.form(built["a"])
+    for task in range(2):
+        values = dict(zip(("kappa", "load"), tasks["params"][task].tolist(), strict=True))
+        logs = tasks["features"][task, 2:6].exp().tolist()
+        serial = dict(zip(model.statistics, [*logs, float(tasks["features"][task, -1])],
+                          strict=True))  # fmt: skip
+        predicted = model.predict(**values, **serial)
+        assert predicted == pytest.approx(float(expected[task]), rel=1e-9)
+        for name, value in values.items():
+            built["parameters"][name].value = value
+        A = dolfinx_petsc.assemble_matrix(bilinear, bcs=built["bcs"])
+        A.assemble()
+        ksp = PETSc.KSP().create(MPI.COMM_SELF)
+        ksp.setOperators(A)
+        alpha = configure(ksp, model, **values).alpha  # log trace(A) from the family file
+        assert alpha == pytest.approx(predicted, rel=1e-9)
+        ksp.destroy()
+        A.destroy()
+    problem = LinearProblem(built["a"], built["L"], bcs=built["bcs"], model=model, params=values,
+                            petsc_options_prefix="statistics_")  # fmt: skip
+    problem.solve()
+    assert problem.report.converged and problem.report.attempts[0].alpha == alpha
+    with pytest.raises(ValueError, match="missing matrix statistic 'log_trace'"):
+        model.predict(**values, **{name: 1.0 for name in model.statistics[:4]})
+
+
+BAD_STATISTICS = {
+    "one that raises": (
+        '{"bad": lambda A: 1 / 0}',
+        "family.py, line 8: statistic 'bad' failed: ZeroDivisionError: division by zero",
+    ),
+    "one that returns nan": (
+        '{"bad": lambda A: float("nan")}',
+        "family.py: statistic 'bad' returned nan; it must return a finite float",
+    ),
+    "one that returns no number": (
+        '{"bad": lambda A: A.getDiagonal().getArray()}',
+        "family.py: statistic 'bad' returned array([",
+    ),
+}
+BAD_DECLARATIONS = {
+    "one named as a parameter": (
+        '{"kappa": lambda A: 1.0}',
+        "family.py: statistic 'kappa' has the name of a parameter in PARAMETERS in",
+    ),
+    "one named as femeta's own": (
+        '{"norm_fro": lambda A: 1.0}',
+        "family.py: statistic 'norm_fro' has the name of one femeta computes itself",
+    ),
+    "one that is no function": (
+        '{"bad": 1.0}',
+        "family.py: statistic 'bad' is 1.0, not a function(A) -> float",
+    ),
+    "not a dict": ("[len]", "family.py: STATISTICS must be a dict name -> function(A) -> float"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATISTICS))
+def test_a_failing_statistic_is_named_with_its_file_in_training_and_in_a_script(tmp_path, case):
+    from mpi4py import MPI
+
+    from femeta.fenics import matrix_statistics
+    from femeta.problems.family import family_system
+
+    statistics, expected = BAD_STATISTICS[case]
+    spec = f"{write_family(tmp_path, with_statistics(statistics))}:make"
+    source = load_family(spec)
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        UserFamily(source, cache=False).sample(1, seed=0)
+    A, _b, _built = family_system(source, MPI.COMM_SELF, {"kappa": 1.0, "load": 1.0})
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        matrix_statistics(A, ("norm_fro", "bad"), spec)
+    A.destroy()
+
+
+@pytest.mark.parametrize("case", list(BAD_DECLARATIONS))
+def test_a_bad_statistics_declaration_is_named_with_its_file(tmp_path, case):
+    statistics, expected = BAD_DECLARATIONS[case]
+    path = write_family(tmp_path, with_statistics(statistics))
+    with pytest.raises(FamilyError, match=re.escape(expected)):
+        load_family(f"{path}:make")
 
 
 @pytest.mark.parametrize(

@@ -381,3 +381,46 @@ def test_matrix_statistics_are_those_training_reads_on_any_number_of_ranks():
     assert alone["diag_min"] >= 7.0 and alone["diag_max"] >= 4 * 30.0
     A.destroy()
     serial.destroy()
+
+
+@pytest.mark.mpi
+def test_a_family_model_reads_its_own_statistic_of_a_distributed_matrix(family_run):
+    from femeta.fenics import matrix_statistics
+    from femeta.problems.family import family_system, load_family
+
+    comm = MPI.COMM_WORLD
+    model = femeta.load(family_run)
+    assert model.statistics[-1] == "log_trace"
+    source = load_family(model.family)
+    values = {"kappa": 30.0}
+    A, b, _built = family_system(source, comm, values)
+    serial, serial_b, _serial_built = family_system(source, MPI.COMM_SELF, values)
+    shared = matrix_statistics(A, model.statistics, model.family)
+    alone = matrix_statistics(serial, model.statistics, model.family)
+    assert shared == pytest.approx(alone, rel=1e-12)
+    assert comm.allgather(shared) == [shared] * comm.size
+    ksp = cg_ksp(A)
+    alpha = configure(ksp, model, **values).alpha
+    assert alpha == pytest.approx(model.predict(**values, **alone), rel=1e-9)
+    for item in (ksp, A, b, serial, serial_b):
+        item.destroy()
+
+
+@pytest.mark.mpi
+def test_a_statistic_that_is_not_collective_is_an_error_on_every_rank(tmp_path):
+    from femeta.family_file import FamilyError
+    from femeta.fenics import matrix_statistics
+
+    comm = MPI.COMM_WORLD
+    if comm.size == 1:
+        pytest.skip("one process: every statistic is collective")
+    path = tmp_path / "statistics.py"
+    path.write_text(
+        "STATISTICS = {'rows_here': lambda A: float(A.getLocalSize()[0])}\n"
+        "def make(comm):\n"
+        "    raise NotImplementedError\n"
+    )
+    A, _mesh = poisson_matrix(comm)  # 81 rows: not the same number on each of 2 ranks
+    with pytest.raises(FamilyError, match="statistic 'rows_here' differs between the processes"):
+        matrix_statistics(A, ("rows_here",), f"{path}:make")
+    A.destroy()

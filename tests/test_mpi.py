@@ -271,6 +271,7 @@ def test_a_family_s_tasks_are_assembled_by_the_ranks_together(tmp_path):
         "import ufl\n"
         "from dolfinx import default_scalar_type, fem, mesh\n"
         'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e3)}\n'
+        'STATISTICS = {"trace": lambda A: A.getDiagonal().sum()}\n'
         "def make(comm):\n"
         "    msh = mesh.create_unit_square(comm, 5, 5)\n"
         '    space = fem.functionspace(msh, ("Lagrange", 1))\n'
@@ -287,5 +288,7 @@ def test_a_family_s_tasks_are_assembled_by_the_ranks_together(tmp_path):
     tasks = family.sample(5, seed=1)  # under mpiexec: tasks 0, 2, 4 on rank 0, 1 and 3 on rank 1
     A, b = family._forms()(tasks["params"])  # every task on this rank alone
     assert torch.equal(tasks["A"].values, A.values) and torch.equal(tasks["b"], b)
+    # The file's statistic of each task, computed by the rank that assembled it.
+    assert torch.allclose(tasks["features"][:, -1], A.diagonal().sum(dim=1), rtol=1e-14)
     sums = MPI.COMM_WORLD.allgather(float(tasks["features"].sum()))
     assert all(value == sums[0] for value in sums)

@@ -58,7 +58,9 @@ class Option:
     ``positive``/``zero``/``finite`` (numbers) are what :func:`check_option`
     allows; ``requirement`` is how its error states the allowed numbers. With
     ``count``, the value is that many integers (``type`` must be ``int``), e.g. a
-    mesh's cells along three axes, each checked as above.
+    mesh's cells along three axes, each checked as above. With ``tables``, a string
+    option names a TOML file, and its value may also be the tables read from it (a
+    mapping: what a run saves in its place), which the experiment checks.
     ``evaluate`` is the help of ``femeta evaluate --NAME``, for a problem option
     that changes the test tasks of a saved model (``None``: no such flag).
     """
@@ -77,6 +79,7 @@ class Option:
     requirement: str = "positive"
     evaluate: str | None = None
     count: int | None = None
+    tables: bool = False
 
     @property
     def flag(self) -> str:
@@ -114,6 +117,8 @@ def check_option(option: Option, value: Any) -> Any:
                 ) from None
         return tuple(value)
     if option.type is str:
+        if option.tables and isinstance(value, Mapping):
+            return value
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")
         if option.choices and value not in option.choices:

@@ -14,13 +14,16 @@ from femeta.experiments.base import Option, ScriptSystem, TrainDefaults
 from femeta.experiments.elasticity import SPLITS
 from femeta.experiments.shift import CLIP, GAMMA, SMOOTH, ShiftExperiment
 from femeta.metasolvers import ShiftNet
+from femeta.parallel import collective, world
 from femeta.problems.base import TaskSet
 from femeta.problems.family import (
     MATRIX_FEATURES,
+    Distributions,
     FamilyError,
     UserFamily,
     family_system,
     load_family,
+    read_distributions,
 )
 
 __all__ = ["FAMILY_INPUTS", "FamilyIccg"]
@@ -29,24 +32,37 @@ __all__ = ["FAMILY_INPUTS", "FamilyIccg"]
 FAMILY_INPUTS = {
     "all": "the parameters and the statistics of A",
     "parameters": "the parameters (log for log-uniform ones), standardised",
-    "matrix": "log min and max of diag(A) off the Dirichlet rows, log ||A||_inf and ||A||_F",
+    "matrix": "log min and max of diag(A) off the Dirichlet rows, log ||A||_inf and ||A||_F, "
+    "and the family file's STATISTICS",
 }
 
 FAMILY = Option(
     "family",
     str,
     "the family of problems: FILE.py:FUNCTION or MODULE:FUNCTION, a file that declares "
-    "PARAMETERS (name -> (kind, low, high)) and whose function returns the DOLFINx forms "
+    "PARAMETERS (name -> (kind, low, high); or see --distributions), optionally STATISTICS "
+    "of A, and whose function returns the DOLFINx forms "
     "(e.g. examples/heterogeneous_poisson.py:make).",
     shown="none: required",
     evaluate="the family file of the test tasks, FILE.py:FUNCTION.",
+)
+DISTRIBUTIONS = Option(
+    "distributions",
+    str,
+    "a TOML file whose [parameters] table (name = [kind, low, high]) and optional [splits] "
+    "table (train, validation, test) replace the family file's PARAMETERS and SPLITS; the "
+    "run saves what it read, so the model needs the file no more.",
+    shown="none: the family file's",
+    tables=True,
+    evaluate="a TOML file of distributions for the test tasks, in place of the model's "
+    "(or the family file's).",
 )
 INPUTS = Option(
     "family_inputs",
     str,
     "what the network sees: 'all', the parameters (log for log-uniform ones) and "
-    "statistics of the assembled A (log range of its diagonal, log norms); 'parameters'; "
-    "'matrix'.",
+    "statistics of the assembled A (log range of its diagonal, log norms, the family file's "
+    "STATISTICS); 'parameters'; 'matrix'.",
     default="all",
     choices=tuple(FAMILY_INPUTS),
 )
@@ -69,12 +85,17 @@ class FamilyIccg(ShiftExperiment):
     paper_options: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {"smooth": 0.0, "engine": "torch"}
     )
-    options: ClassVar[tuple[Option, ...]] = (FAMILY, INPUTS, SPLITS, CLIP, SMOOTH, GAMMA)
+    options: ClassVar[tuple[Option, ...]] = (
+        FAMILY, DISTRIBUTIONS, INPUTS, SPLITS, CLIP, SMOOTH, GAMMA,
+    )  # fmt: skip
     #: Adam, lr 1e-3 cut by 5 at 1/2 and 3/4 of the epochs, as for the beams, with smaller
     #: batches for the smaller training sets.
     train_defaults: ClassVar[TrainDefaults] = TrainDefaults(epochs=50, batch_size=32, lr=1e-3, m=50)
 
     family: str | None = None
+    #: A TOML file of the parameters' distributions (and splits), or its tables as a run
+    #: saves them (``None``: the family file's).
+    distributions: str | Mapping[str, Any] | None = None
     family_inputs: str = INPUTS.default
     #: Tasks in the training, validation and test splits (``None``: the file's ``SPLITS``).
     splits: tuple[int, int, int] | None = None
@@ -89,8 +110,15 @@ class FamilyIccg(ShiftExperiment):
                 "the family problem needs --family FILE.py:FUNCTION, a file that declares "
                 "PARAMETERS and returns the forms (e.g. examples/heterogeneous_poisson.py:make)"
             )
-        source = load_family(self.family)
+        given = None
+        if isinstance(self.distributions, str):
+            path = self.distributions
+            given = collective(world(), lambda: read_distributions(path))
+        elif self.distributions is not None:
+            given = Distributions.parse(self.distributions, "the distributions given")
+        source = load_family(self.family, given)
         self.family = source.spec
+        self.distributions = None if given is None else given.tables()
         splits = None
         if self.splits is not None:
             self.splits = tuple(self.splits)
@@ -108,7 +136,7 @@ class FamilyIccg(ShiftExperiment):
         if self.family_inputs == "parameters":
             return list(self.problem.param_names)
         if self.family_inputs == "matrix":
-            return list(MATRIX_FEATURES)
+            return [*MATRIX_FEATURES, *self.problem.source.statistics]
         return list(self.problem.feature_names)
 
     @classmethod
@@ -118,7 +146,9 @@ class FamilyIccg(ShiftExperiment):
         spec = given.get("family") or model.family
         if spec is None:
             raise FamilyError(f"{model.run_dir} names no family file; pass --family FILE.py:make")
-        source = load_family(spec)
+        trained = {name: list(d) for name, d in model.distributions.items()}
+        where = f"the model in {model.run_dir}"
+        source = load_family(spec, Distributions.parse({"parameters": trained}, where))
         values = {}
         for item in given.get("param") or ():
             name, _, value = item.partition("=")
@@ -139,7 +169,8 @@ class FamilyIccg(ShiftExperiment):
 
     def params(self) -> dict[str, Any]:
         splits = None if self.splits is None else list(self.splits)
-        return {"family": self.family, "family_inputs": self.family_inputs, "splits": splits}
+        return {"family": self.family, "distributions": self.distributions,
+                "family_inputs": self.family_inputs, "splits": splits}  # fmt: skip
 
     def tasks(self, split: str, seed: int) -> TaskSet:
         tasks = self.problem.split(split, seed)
@@ -155,12 +186,14 @@ class FamilyIccg(ShiftExperiment):
         return network.to(self.device)
 
     def model_spec(self, train_tasks: TaskSet) -> dict[str, Any]:
-        """The network's inputs, the family's distributions and Psi_base's shift."""
+        """The network's inputs (the file's statistics among them), the family's distributions
+        and Psi_base's shift."""
         source = self.problem.source
         return {
             "network": "ShiftNet",
             "log_inputs": False,
             "features": self.input_names,
+            "family_statistics": [n for n in self.input_names if n in source.statistics],
             "distributions": {name: [d.kind, d.low, d.high]
                               for name, d in source.parameters.items()},
             "family_sha256": source.digest,

@@ -7,32 +7,36 @@ module (``package.module:make``) that declares
   ``"uniform"`` or ``"loguniform"`` (``0 < low``), one entry per parameter;
 - optionally ``SPLITS``: a dict of the ``train``, ``validation`` and ``test``
   task counts (default :data:`DEFAULT_SPLITS`);
+- optionally ``STATISTICS``: a dict ``name -> function(A) -> float`` of further
+  statistics of the assembled ``petsc4py`` matrix ``A`` that Psi_nn reads as they
+  come (return a log for one that spans decades); each is collective on ``A``'s
+  communicator, so that every process of a script gets the same value;
 - the named function, called once with an MPI communicator, which returns a dict
   with ``"a"`` (a symmetric positive definite bilinear UFL form), ``"L"`` (a
   linear form), ``"bcs"`` (a list of Dirichlet conditions) and ``"parameters"``
   (``name -> fem.Constant`` whose value a task sets, or a callable that applies a
   task's value, e.g. by interpolating a field or moving the mesh).
 
+``PARAMETERS`` and ``SPLITS`` may come from a TOML file instead
+(:func:`read_distributions`): its ``[parameters]`` table (``kappa = ["loguniform",
+1.0, 1e4]``) and optional ``[splits]`` table replace the file's.
+
 The forms are compiled once; each task sets the parameters and is assembled
 serially (``MPI.COMM_SELF``) on DOLFINx's stored pattern, symmetrised, with
 Dirichlet rows and columns replaced by identity and the conditions lifted into
-``b``. Datasets are cached on disk, keyed by the file's contents and function.
-Example: ``examples/heterogeneous_poisson.py``.
+``b``. Datasets are cached on disk, keyed by the file's contents and function and
+the distributions. Example: ``examples/heterogeneous_poisson.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import math
-import sys
-import traceback
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -41,7 +45,14 @@ from torch import Tensor
 
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
-from femeta.parallel import on_root, world
+from femeta.family_file import (
+    FamilyError,
+    Statistic,
+    failure,
+    import_family,
+    statistic_values,
+)
+from femeta.parallel import collective, merged, on_root, world
 from femeta.problems.base import (
     TaskSet,
     assemble_shared,
@@ -56,10 +67,12 @@ __all__ = [
     "DEFAULT_SPLITS",
     "MATRIX_FEATURES",
     "Distribution",
+    "Distributions",
     "FamilyError",
     "FamilySource",
     "UserFamily",
     "load_family",
+    "read_distributions",
 ]
 
 #: Task counts of the splits when a family file declares no ``SPLITS``.
@@ -69,12 +82,9 @@ DEFAULT_SPLITS = {"train": 500, "validation": 100, "test": 100}
 #: makes identity rows, are not), and two norms. A script computes them from its matrix alone.
 MATRIX_FEATURES = ("log_diag_min", "log_diag_max", "log_norm_inf", "log_norm_fro")
 KINDS = ("uniform", "loguniform")
-# Format 2: CSR pattern once, the values, b, params and features of every task.
-_CACHE_FORMAT = 2
-
-
-class FamilyError(ValueError):
-    """A family file is missing, malformed, or its forms fail; the message names the file."""
+# Format 3: CSR pattern once, the values, b, params and features (the file's STATISTICS
+# included) of every task.
+_CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,8 @@ class Distribution:
 
     @classmethod
     def parse(cls, name: str, value: Any, where: str) -> Distribution:
-        """``(kind, low, high)`` as a family file declares it, checked."""
-        usage = f'declare it as {name!r}: ("loguniform", 1.0, 1e4) or ("uniform", 0.0, 1.0)'
+        """``(kind, low, high)`` as a family file or a distributions file declares it, checked."""
+        usage = "give its kind, low and high, e.g. ['loguniform', 1.0, 1e4] or ['uniform', 0, 1]"
         if not (isinstance(value, tuple | list) and len(value) == 3):
             raise FamilyError(f"{where}: parameter {name!r} is {value!r}; {usage}")
         kind, low, high = value
@@ -123,6 +133,69 @@ class Distribution:
 
 
 @dataclass(frozen=True)
+class Distributions:
+    """Distributions of the parameters, and optionally the splits, declared outside a family
+    file (e.g. in a TOML file, :func:`read_distributions`); they replace the file's.
+
+    Attributes:
+        parameters: Each parameter's distribution, in the order declared.
+        splits: The task counts of ``train``, ``validation`` and ``test`` (``None``: the
+            family file's).
+        origin: Where the parameters were declared, as errors name it.
+    """
+
+    parameters: dict[str, Distribution]
+    splits: dict[str, int] | None
+    origin: str
+
+    @classmethod
+    def parse(cls, tables: Any, where: str) -> Distributions:
+        """The tables of a distributions file, ``{"parameters": {name: [kind, low, high]},
+        "splits": {...}}`` (splits optional), checked; errors begin with ``where``."""
+        if not isinstance(tables, Mapping):
+            raise FamilyError(f"{where}: expected tables [parameters] and [splits], got {tables!r}")
+        unknown = sorted(set(tables) - {"parameters", "splits"})
+        if unknown:
+            raise FamilyError(
+                f"{where}: unknown entries {unknown}; a distributions file holds the table "
+                "[parameters] and optionally [splits]"
+            )
+        declared = tables.get("parameters")
+        if not isinstance(declared, Mapping) or not declared:
+            raise FamilyError(
+                f"{where} declares no [parameters] table: give each parameter as "
+                'name = [kind, low, high], e.g. kappa = ["loguniform", 1.0, 1e4]'
+            )
+        parameters = _parameters(declared, where)
+        splits = _splits(tables["splits"], f"{where}: [splits]") if "splits" in tables else None
+        return cls(parameters, splits, f"[parameters] of {where}")
+
+    def tables(self) -> dict[str, Any]:
+        """The tables as a distributions file holds them (plain lists and numbers, for JSON)."""
+        tables: dict[str, Any] = {
+            "parameters": {name: [d.kind, d.low, d.high] for name, d in self.parameters.items()}
+        }
+        if self.splits is not None:
+            tables["splits"] = dict(self.splits)
+        return tables
+
+
+def read_distributions(path: str | Path) -> Distributions:
+    """The ``[parameters]`` and optional ``[splits]`` tables of the TOML file ``path``,
+    checked: ``kappa = ["loguniform", 1.0, 1e4]`` under ``[parameters]`` for each
+    parameter, ``train = 200``, ``validation = 50`` and ``test = 100`` under ``[splits]``."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FamilyError(f"distributions file {path} does not exist")
+    try:
+        with path.open("rb") as stream:
+            tables = tomllib.load(stream)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise FamilyError(f"{path} is not valid TOML: {err}") from None
+    return Distributions.parse(tables, str(path))
+
+
+@dataclass(frozen=True)
 class FamilySource:
     """A loaded family file: what it declares and where it came from.
 
@@ -131,9 +204,12 @@ class FamilySource:
         label: ``FILE.py:FUNCTION`` as errors name it.
         path: The file.
         make: The function that builds the forms.
-        parameters: Each parameter's distribution, in the file's order.
+        parameters: Each parameter's distribution, in the order declared.
         splits: The task counts of ``train``, ``validation`` and ``test``.
         digest: SHA-256 of the file's contents and the function's name.
+        statistics: The file's ``STATISTICS`` of ``A``, in its order.
+        declared: Where the parameters were declared, as errors name it (e.g.
+            ``PARAMETERS in FILE.py``).
     """
 
     spec: str
@@ -143,83 +219,59 @@ class FamilySource:
     parameters: dict[str, Distribution]
     splits: dict[str, int]
     digest: str
+    statistics: dict[str, Statistic]
+    declared: str
 
     def fail(self, doing: str, err: BaseException) -> FamilyError:
         """A :class:`FamilyError` for ``err``, raised while ``doing``, naming the file's line."""
-        where = _where(err, self.path, self.label)
-        first = (str(err).strip().splitlines() or [""])[0]
-        return FamilyError(f"{where}: {doing} failed: {type(err).__name__}: {first}")
+        return failure(err, self.path, doing, self.label)
 
 
-def load_family(spec: str) -> FamilySource:
-    """Load the family ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` and check its declarations."""
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise FamilyError(
-            f"family must be FILE.py:FUNCTION or MODULE:FUNCTION (e.g. family.py:make), "
-            f"got {spec!r}"
-        )
-    where, function = spec.split(":")
-    import_dolfinx()  # a family file imports DOLFINx: MPI first
-    if where.endswith(".py") or "/" in where:
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise FamilyError(f"family file {where} does not exist")
-        module = _import_file(path)
-        spec = f"{path}:{function}"
+def load_family(spec: str, distributions: Distributions | None = None) -> FamilySource:
+    """Load the family ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` and check its declarations.
+
+    ``distributions`` replace the file's ``PARAMETERS`` (which it may then leave out) and,
+    where they give splits, its ``SPLITS``.
+    """
+    code = import_family(spec)
+    path = code.path
+    splits = None
+    if distributions is not None:
+        parameters, declared = distributions.parameters, distributions.origin
+        splits = distributions.splits
     else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise FamilyError(f"cannot import the family module {where!r}: {err}") from err
-        if getattr(module, "__file__", None) is None:
-            raise FamilyError(f"the family module {where!r} has no source file")
-        path = Path(module.__file__).resolve()
-    label = f"{path.name}:{function}"
-    make = getattr(module, function, None)
-    if not callable(make):
-        functions = sorted(name for name, value in vars(module).items()
-                           if callable(value) and getattr(value, "__module__", None)
-                           == module.__name__)  # fmt: skip
-        raise FamilyError(f"{path} defines no function {function!r}; its functions: {functions}")
-    declared = getattr(module, "PARAMETERS", None)
-    if not isinstance(declared, Mapping) or not declared:
-        raise FamilyError(
-            f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
-            'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e4)}'
-        )
+        table = getattr(code.module, "PARAMETERS", None)
+        if not isinstance(table, Mapping) or not table:
+            raise FamilyError(
+                f"{path} declares no PARAMETERS: give a dict name -> (kind, low, high), e.g. "
+                'PARAMETERS = {"kappa": ("loguniform", 1.0, 1e4)}, or give them in a TOML file '
+                "(femeta train family --distributions FILE.toml)"
+            )
+        parameters, declared = _parameters(table, str(path)), f"PARAMETERS in {path}"
+    if splits is None:
+        splits = _splits(getattr(code.module, "SPLITS", DEFAULT_SPLITS), f"{path}: SPLITS")
+    for name in code.statistics:
+        if name in parameters:
+            raise FamilyError(
+                f"{path}: statistic {name!r} has the name of a parameter in {declared}; "
+                "rename one of them"
+            )
+    function = code.spec.rsplit(":", 1)[1]
+    digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
+    return FamilySource(code.spec, code.label, path, code.make, parameters, splits, digest,
+                        code.statistics, declared)  # fmt: skip
+
+
+def _parameters(declared: Mapping[Any, Any], where: str) -> dict[str, Distribution]:
     parameters = {}
     for name, value in declared.items():
         if not (isinstance(name, str) and name.isidentifier()):
-            raise FamilyError(f"{path}: parameter names must be identifiers, got {name!r}")
-        parameters[name] = Distribution.parse(name, value, str(path))
-    splits = _splits(getattr(module, "SPLITS", DEFAULT_SPLITS), path)
-    digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
-    return FamilySource(spec, label, path, make, parameters, splits, digest)
+            raise FamilyError(f"{where}: parameter names must be identifiers, got {name!r}")
+        parameters[name] = Distribution.parse(name, value, where)
+    return parameters
 
 
-def _import_file(path: Path) -> ModuleType:
-    name = "femeta_family_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    loader = importlib.util.spec_from_file_location(name, path)
-    if loader is None or loader.loader is None:
-        raise FamilyError(f"cannot load {path} as Python")
-    module = importlib.util.module_from_spec(loader)
-    sys.modules[name] = module  # dataclasses and pickling look a module up there
-    try:
-        loader.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[name]
-        where = _where(err, path, str(path))
-        raise FamilyError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
-    return module
-
-
-def _where(err: BaseException, path: Path, otherwise: str) -> str:
-    """``FILE, line N``: the last line of ``path`` in ``err``'s traceback, or ``otherwise``."""
-    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
-    return f"{path}, line {lines[-1]}" if lines else otherwise
-
-
-def _splits(value: Any, path: Path) -> dict[str, int]:
+def _splits(value: Any, where: str) -> dict[str, int]:
     if (
         not isinstance(value, Mapping)
         or set(value) != set(DEFAULT_SPLITS)
@@ -228,8 +280,7 @@ def _splits(value: Any, path: Path) -> dict[str, int]:
         )
     ):
         raise FamilyError(
-            f"{path}: SPLITS must give integers >= 1 for exactly {list(DEFAULT_SPLITS)}, "
-            f"got {value!r}"
+            f"{where} must give integers >= 1 for exactly {list(DEFAULT_SPLITS)}, got {value!r}"
         )
     return {name: int(value[name]) for name in DEFAULT_SPLITS}
 
@@ -257,7 +308,7 @@ class UserFamily:
         #: The task counts of the splits: ``splits``, else what the file declares.
         self.splits = dict(source.splits if splits is None else splits)
         self.param_names = tuple(source.parameters)
-        self.feature_names = (*self.param_names, *MATRIX_FEATURES)
+        self.feature_names = (*self.param_names, *MATRIX_FEATURES, *source.statistics)
         if not cache:
             self.cache_dir = None
         else:
@@ -286,9 +337,10 @@ class UserFamily:
         """Draw and assemble ``count`` tasks, deterministically from ``seed``.
 
         Fields: ``A`` (a :class:`SparseBatch`), ``b`` ``(count, N)``, ``params``
-        ``(count, P)`` and ``features`` ``(count, P + 4)`` in the order of
+        ``(count, P)`` and ``features`` ``(count, P + 4 + S)`` in the order of
         :attr:`feature_names`: the parameters on the scale their distribution is
-        uniform on (log for log-uniform ones), then :data:`MATRIX_FEATURES`.
+        uniform on (log for log-uniform ones), :data:`MATRIX_FEATURES`, then the S
+        statistics of the file's ``STATISTICS``, as they come.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
@@ -312,7 +364,29 @@ class UserFamily:
         low, high = diagonal_range(A)
         norms = A.norms()
         stats = [low, high, norms[:, 1], norms[:, 2]]
-        return torch.stack([*scaled, *(s.abs().clamp_min(1e-300).log() for s in stats)], dim=1)
+        logs = [s.abs().clamp_min(1e-300).log() for s in stats]
+        return torch.cat([torch.stack([*scaled, *logs], dim=1), self._statistics(A)], dim=1)
+
+    def _statistics(self, A: SparseBatch) -> Tensor:
+        """The file's ``STATISTICS`` of each matrix, ``(count, S)``: those of task ``k``
+        computed on rank ``k mod size`` (as a serial PETSc matrix), then sent to all ranks."""
+        source, comm = self.source, world()
+        if not source.statistics:
+            return torch.zeros(len(A), 0, dtype=torch.float64)
+
+        def mine() -> dict[int, list[float]]:
+            rows = {}
+            for task in range(comm.rank, len(A), comm.size):
+                matrix = _petsc_matrix(A, task)
+                try:
+                    values = statistic_values(matrix, source.statistics, source.path)
+                finally:
+                    matrix.destroy()
+                rows[task] = list(values.values())
+            return rows
+
+        rows = merged(comm, collective(comm, mine))
+        return torch.tensor([rows[task] for task in range(len(A))], dtype=torch.float64)
 
     def _cache_path(self, count: int, seed: int) -> Path | None:
         if self.cache_dir is None:
@@ -437,14 +511,14 @@ def parameter_setters(source: FamilySource, built: Any) -> dict[str, Callable[[f
     for name in given:
         if name not in source.parameters:
             raise FamilyError(
-                f"{source.label} uses parameter {name!r}, which PARAMETERS in {source.path} "
-                f'does not declare; add e.g. {name!r}: ("uniform", 0.0, 1.0)'
+                f"{source.label} uses parameter {name!r}, which {source.declared} does not "
+                "declare; add it there with its kind, low and high"
             )
     for name in source.parameters:
         if name not in given:
             raise FamilyError(
-                f"PARAMETERS in {source.path} declares {name!r}, but {source.label} returns "
-                "no such entry in 'parameters'"
+                f"{source.declared} declares {name!r}, but {source.label} returns no such "
+                "entry in 'parameters'"
             )
     setters = {}
     for name, target in given.items():
@@ -511,6 +585,17 @@ def diagonal_range(A: SparseBatch) -> tuple[Tensor, Tensor]:
     coupled |= ~coupled.any(dim=1, keepdim=True)
     low = torch.where(coupled, diagonal, torch.inf).amin(dim=1)
     return low, torch.where(coupled, diagonal, 0.0).amax(dim=1)
+
+
+def _petsc_matrix(A: SparseBatch, task: int) -> Any:
+    """Matrix ``task`` of ``A`` as a serial PETSc AIJ matrix that stores A's pattern, zeros
+    included, as a script's matrix stores them."""
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    indptr, indices = A.csr
+    csr = (indptr, indices, A.values[task].cpu().numpy())
+    return PETSc.Mat().createAIJ(A.shape[1:], csr=csr, comm=MPI.COMM_SELF)
 
 
 def _constant_setter(constant: Any) -> Callable[[float], None]:
