@@ -174,7 +174,11 @@ def train_command(
         int | None, typer.Option(help="Seed of the data and the weights. [default: 0]")
     ] = None,
     gain: Annotated[
-        float | None, typer.Option(help="Sigmoid gain a of the surrogate (log space). [default: 1]")
+        float | None,
+        typer.Option(
+            help="Sigmoid gain a of the surrogate (log space). "
+            f"[default: {per_problem(lambda e: e.train_set_up(False).gain)}]"
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,

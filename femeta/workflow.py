@@ -75,7 +75,7 @@ class TrainOptions:
     tol: float | None = None
     epochs: int | None = None
     seed: int = 0
-    gain: float = 1.0
+    gain: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     select: str = "loss"
@@ -86,8 +86,9 @@ class TrainOptions:
 
     def __init__(
         self, problem: str = DEFAULT_PROBLEM, loss: str = "surrogate", m: int | None = None,
-        tol: float | None = None, epochs: int | None = None, seed: int = 0, gain: float = 1.0,
-        batch_size: int | None = None, lr: float | None = None, select: str = "loss",
+        tol: float | None = None, epochs: int | None = None, seed: int = 0,
+        gain: float | None = None, batch_size: int | None = None, lr: float | None = None,
+        select: str = "loss",
         engine: str | None = None, paper: bool = False,
         problem_options: Mapping[str, Any] | None = None, **options: Any,
     ) -> None:  # fmt: skip
@@ -119,7 +120,7 @@ class TrainOptions:
             raise ValueError(f"paper must be true or false, got {self.paper!r}")
         for name in ("tol", "gain", "lr"):
             value = getattr(self, name)
-            if isinstance(value, bool | str) or (value is None and name == "gain"):
+            if isinstance(value, bool | str):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if self.engine is not None and not isinstance(self.engine, str):
             raise ValueError(f"engine must be a string, got {self.engine!r}")
@@ -131,7 +132,7 @@ class TrainOptions:
             raise ValueError(f"tolerance must lie in (0, 1), got {self.tol!r}")
         if self.m is not None and (self.m < 0 or (self.loss == "surrogate" and self.m < 1)):
             raise ValueError(f"m must be >= 0 (>= 1 for the surrogate), got {self.m}")
-        if not self.gain > 0:
+        if self.gain is not None and not self.gain > 0:
             raise ValueError(f"gain must be positive, got {self.gain!r}")
         experiment = _experiment_class(self.problem)
         experiment.check_options(self.problem_options, self.engine)
@@ -362,6 +363,7 @@ def _train(
         options,
         m=experiment.default_m(options.loss) if options.m is None else options.m,
         tol=experiment.default_tol if options.tol is None else options.tol,
+        gain=experiment.train_set_up(options.paper).gain if options.gain is None else options.gain,
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,

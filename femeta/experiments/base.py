@@ -185,7 +185,8 @@ class TrainDefaults:
     with betas 0.999, lr cut by 5 on a plateau: :class:`TrainConfig`'s
     defaults), ``"steps"`` (:func:`paper_steps`) or ``"cosine"`` (Adam with
     ``betas``, the lr decayed to 0 along a cosine; ``ema`` and
-    ``validate_every`` as in :class:`TrainConfig`).
+    ``validate_every`` as in :class:`TrainConfig`). ``gain`` is the surrogate's
+    sigmoid gain a (:func:`~femeta.losses.iteration_surrogate`).
     """
 
     epochs: int
@@ -196,6 +197,7 @@ class TrainDefaults:
     betas: tuple[float, float] = (0.9, 0.999)
     ema: float | None = None
     validate_every: int = 1
+    gain: float = 1.0
 
 
 #: The paper's settings of the generic engine options, for an experiment with torch only.
