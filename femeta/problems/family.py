@@ -35,7 +35,7 @@ import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ from torch import Tensor
 from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.family_file import (
+    FamilyCode,
     FamilyError,
-    Statistic,
     failure,
     import_family,
     statistic_values,
@@ -196,30 +196,20 @@ def read_distributions(path: str | Path) -> Distributions:
 
 
 @dataclass(frozen=True)
-class FamilySource:
-    """A loaded family file: what it declares and where it came from.
+class FamilySource(FamilyCode):
+    """A loaded family file (its code, :class:`FamilyCode`) with what it declares.
 
     Attributes:
-        spec: ``FILE.py:FUNCTION`` with an absolute path, or ``MODULE:FUNCTION``.
-        label: ``FILE.py:FUNCTION`` as errors name it.
-        path: The file.
-        make: The function that builds the forms.
         parameters: Each parameter's distribution, in the order declared.
         splits: The task counts of ``train``, ``validation`` and ``test``.
         digest: SHA-256 of the file's contents and the function's name.
-        statistics: The file's ``STATISTICS`` of ``A``, in its order.
         declared: Where the parameters were declared, as errors name it (e.g.
             ``PARAMETERS in FILE.py``).
     """
 
-    spec: str
-    label: str
-    path: Path
-    make: Callable[[Any], Any]
     parameters: dict[str, Distribution]
     splits: dict[str, int]
     digest: str
-    statistics: dict[str, Statistic]
     declared: str
 
     def fail(self, doing: str, err: BaseException) -> FamilyError:
@@ -258,8 +248,9 @@ def load_family(spec: str, distributions: Distributions | None = None) -> Family
             )
     function = code.spec.rsplit(":", 1)[1]
     digest = hashlib.sha256(path.read_bytes() + f":{function}".encode()).hexdigest()
-    return FamilySource(code.spec, code.label, path, code.make, parameters, splits, digest,
-                        code.statistics, declared)  # fmt: skip
+    imported = {field.name: getattr(code, field.name) for field in fields(code)}
+    return FamilySource(**imported, parameters=parameters, splits=splits, digest=digest,
+                        declared=declared)  # fmt: skip
 
 
 def _parameters(declared: Mapping[Any, Any], where: str) -> dict[str, Distribution]:
