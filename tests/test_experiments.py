@@ -23,7 +23,7 @@ from femeta.metasolvers import (
     ShiftNet,
     fold_scaling,
 )
-from femeta.problems.elasticity import default_cache_dir
+from femeta.problems.base import default_cache_dir
 from femeta.solvers.iccg import iccg
 from femeta.solvers.petsc import petsc_iccg
 

@@ -13,8 +13,7 @@ from femeta._io import write_atomic
 from femeta.evaluation import IterationStats
 from femeta.experiments.base import Experiment, Option, TrainDefaults
 from femeta.metasolvers import NewtonSorNet, PreviousStep
-from femeta.problems.base import TaskSet
-from femeta.problems.elasticity import default_cache_dir
+from femeta.problems.base import TaskSet, default_cache_dir
 from femeta.problems.robertson import RATE_RANGES, Robertson, backward_euler_system
 from femeta.runs import tasks_digest
 from femeta.solvers import SolverResult

@@ -23,8 +23,7 @@ from femeta.experiments.base import TORCH, Experiment, Option
 from femeta.losses import error_after_m, icf_penalty, iteration_surrogate
 from femeta.metasolvers import ConstantShift, PetscDefaultShift, ShiftGrid
 from femeta.parallel import on_root, world
-from femeta.problems.base import TaskSet
-from femeta.problems.elasticity import default_cache_dir
+from femeta.problems.base import TaskSet, default_cache_dir
 from femeta.runs import tasks_digest
 from femeta.solvers.iccg import IccgResult, iccg
 from femeta.solvers.petsc import default_icc

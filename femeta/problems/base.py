@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,14 @@ from torch import Tensor
 from femeta.parallel import Comm, collective
 from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["TaskSet", "assemble_shared", "petsc_system", "split_size_and_seed", "stored_pattern"]
+__all__ = [
+    "TaskSet",
+    "assemble_shared",
+    "default_cache_dir",
+    "petsc_system",
+    "split_size_and_seed",
+    "stored_pattern",
+]
 
 
 class TaskSet:
@@ -45,6 +54,12 @@ class TaskSet:
     def to(self, device: torch.device | str) -> TaskSet:
         """A copy on ``device``."""
         return TaskSet({name: value.to(device) for name, value in self.fields.items()})
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/femeta``, or ``~/.cache/femeta`` when that is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "femeta"
 
 
 def split_size_and_seed(name: str, seed: int, sizes: Mapping[str, int]) -> tuple[int, int]:

@@ -14,6 +14,10 @@ are kept as identity rows with zeroed columns (as legacy FEniCS
 ``assemble_system`` gives), so ``A`` stays symmetric positive definite. The
 matrices are kept sparse, on the entries DOLFINx's matrix stores
 (:class:`~femeta.solvers.sparse.SparseBatch`), so any mesh size fits in memory.
+
+The forms are the family file :mod:`femeta.problems.beam_family`, assembled by
+the family assembler (:class:`~femeta.problems.family.Assembler`) as any user's
+family is; what this module adds is the paper's sampling, inputs and cache.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from femeta._fenics import import_dolfinx
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
-from femeta.problems.base import (
-    TaskSet,
-    assemble_shared,
-    petsc_system,
-    split_size_and_seed,
-    stored_pattern,
-)
+from femeta.problems.base import TaskSet, assemble_shared, default_cache_dir, split_size_and_seed
+from femeta.problems.family import Assembler, family_system, load_family
 from femeta.solvers.sparse import SparseBatch
 
-__all__ = ["ElasticBeam", "default_cache_dir"]
+__all__ = ["ElasticBeam", "beam_source", "beam_system"]
 
 SPLITS = ("train", "validation", "test")
 PARAM_NAMES = ("W", "lambda", "mu", "rho")
@@ -49,12 +49,6 @@ FEATURE_NAMES = (*PARAM_NAMES, "norm_1", "norm_inf", "norm_fro")
 # Format 2 stores the CSR pattern once and every task's values on it; format 1 files
 # (dense entries on the union of nonzeros) are not read, and the datasets reassembled.
 _CACHE_FORMAT = 2
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/femeta``, or ``~/.cache/femeta`` when that is unset."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "femeta"
 
 
 class ElasticBeam:
@@ -117,7 +111,8 @@ class ElasticBeam:
         else:
             self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
         self.n = 3 * math.prod(c + 1 for c in self.cells)
-        self._assembler: _BeamAssembler | None = None
+        self._assembler: Any = None
+        self._vertices: np.ndarray | None = None
 
     def assemble(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
         """Assemble the systems of the tasks ``params``, rows ``(W, lambda, mu, rho)``.
@@ -127,8 +122,7 @@ class ElasticBeam:
             DOLFINx's matrix stores (explicit zeros included), and ``b`` of shape
             ``(B, N)``, float64.
         """
-        params = _check_params(params)
-        return self._forms()(params)
+        return self._forms()(_check_params(params))
 
     def dof_layout(self, width: float) -> tuple[Tensor, Tensor]:
         """Where the unknowns live for a beam of this ``width``.
@@ -138,7 +132,10 @@ class ElasticBeam:
             displacement component (0, 1, 2 for x, y, z) it is, ``(N,)``.
         """
         _check_params(torch.tensor([[width, 1.0, 1.0, 1.0]]))
-        return self._forms().dof_layout(width)
+        self._forms()
+        coordinates = torch.from_numpy(self._vertices.copy())
+        coordinates[:, 1:] *= width
+        return coordinates.repeat_interleave(3, dim=0), torch.arange(self.n) % 3
 
     def stored_pattern(self) -> Tensor:
         """The entries that DOLFINx's assembled matrix stores, boolean ``(N, N)``.
@@ -155,19 +152,25 @@ class ElasticBeam:
             from safetensors.torch import load_file
 
             return load_file(path)["pattern"]
-        forms = self._forms()
+        stored = self._forms().pattern
         pattern = torch.zeros(self.n, self.n, dtype=torch.bool)
-        pattern[forms.rows, forms.cols] = True
+        pattern[stored.rows(), stored.indices] = True
         if path is not None:
             from safetensors.torch import save
 
             write_atomic(path, save({"pattern": pattern}))
         return pattern
 
-    def _forms(self) -> _BeamAssembler:
-        """The compiled forms, compiled on first use."""
+    def _forms(self) -> Any:
+        """The assembler of :mod:`femeta.problems.beam_family`'s forms, compiled on first use."""
         if self._assembler is None:
-            self._assembler = _BeamAssembler(self.cells, self.length)
+            self._assembler = Assembler(beam_source(self.cells))
+            # Before any task scales the mesh: the vertices of the unit-width beam, snapped
+            # to the lattice (tabulated coordinates carry rounding, e.g. -3e-18 for 0).
+            space = self._assembler.bilinear.function_spaces[0]
+            lattice = np.array(self.cells) / np.array([self.length, 1.0, 1.0])
+            vertices = space.tabulate_dof_coordinates()[: self.n // 3]
+            self._vertices = np.rint(vertices * lattice) / lattice
         return self._assembler
 
     def sample(self, count: int, seed: int) -> TaskSet:
@@ -268,87 +271,11 @@ def _features(params: Tensor, A: SparseBatch) -> Tensor:
     return torch.cat([params, A.norms()], dim=1)
 
 
-class _BeamAssembler:
-    """Compiled forms on a reference mesh ``[0, L] x [0, 1] x [0, 1]``, serial."""
-
-    def __init__(self, cells: tuple[int, int, int], length: float):
-        dolfinx = import_dolfinx()
-        import ufl
-        from dolfinx import fem, la, mesh
-        from mpi4py import MPI
-
-        self.fem = fem
-        self.mesh = mesh.create_box(
-            MPI.COMM_SELF,
-            [np.zeros(3), np.array([length, 1.0, 1.0])],
-            list(cells),
-            cell_type=mesh.CellType.hexahedron,
-        )
-        self.reference = self.mesh.geometry.x.copy()
-        space = fem.functionspace(self.mesh, ("Lagrange", 1, (3,)))
-        self.constants = {
-            name: fem.Constant(self.mesh, dolfinx.default_scalar_type(1.0))
-            for name in ("lambda", "mu", "rho", "g")
-        }
-        lam, mu = self.constants["lambda"], self.constants["mu"]
-        rho, g = self.constants["rho"], self.constants["g"]
-        u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
-
-        def strain(w):
-            return ufl.sym(ufl.grad(w))
-
-        def stress(w):
-            return lam * ufl.tr(strain(w)) * ufl.Identity(3) + 2 * mu * strain(w)
-
-        force = ufl.as_vector((0, 0, -rho * g))
-        self.bilinear = fem.form(ufl.inner(stress(u), strain(v)) * ufl.dx)
-        self.linear = fem.form(ufl.dot(force, v) * ufl.dx)
-        clamped = fem.locate_dofs_geometrical(space, lambda x: np.isclose(x[0], 0.0))
-        self.bc = fem.dirichletbc(np.zeros(3), clamped, space)
-        self.matrix = fem.create_matrix(self.bilinear, block_mode=la.BlockMode.expanded)
-        self.n = space.dofmap.index_map.size_local * space.dofmap.index_map_bs
-        self.pattern, self.order = stored_pattern(self.matrix, self.n)
-        self.nnz = len(self.order)
-        self.rows, self.cols = self.pattern.rows(), self.pattern.indices
-        self.transposition = self.pattern.transposition()
-        self.length = length
-        # Snapped to the lattice: tabulated coordinates carry rounding (e.g. -3e-18 for 0).
-        lattice = np.array(cells) / np.array([length, 1.0, 1.0])
-        vertices = space.tabulate_dof_coordinates()[: self.n // 3]
-        self.vertex_coordinates = np.rint(vertices * lattice) / lattice
-
-    def dof_layout(self, width: float) -> tuple[Tensor, Tensor]:
-        coordinates = torch.from_numpy(self.vertex_coordinates.copy())
-        coordinates[:, 1:] *= width
-        return coordinates.repeat_interleave(3, dim=0), torch.arange(self.n) % 3
-
-    def __call__(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
-        fem = self.fem
-        count = params.shape[0]
-        values = torch.zeros(count, self.nnz, dtype=torch.float64)
-        b = torch.zeros(count, self.n, dtype=torch.float64)
-        vector = np.zeros(self.n)
-        try:
-            for task, (width, lam, mu, rho) in enumerate(params.tolist()):
-                self.mesh.geometry.x[:, 1:] = self.reference[:, 1:] * width
-                self.constants["lambda"].value = lam
-                self.constants["mu"].value = mu
-                self.constants["rho"].value = rho
-                self.constants["g"].value = 0.4 * (width / self.length) ** 2
-                self.matrix.data[:] = 0.0
-                fem.assemble_matrix(self.matrix, self.bilinear, bcs=[self.bc], diag=1.0)
-                assembled = torch.from_numpy(self.matrix.data[: self.nnz])[self.order]
-                # Quadrature leaves A symmetric only up to rounding; IC(0) and CG expect it exact.
-                values[task] = 0.5 * (assembled + assembled[self.transposition])
-                vector[:] = 0.0
-                fem.assemble_vector(vector, self.linear)
-                # The clamp prescribes u = 0, so lifting it into b adds nothing; only
-                # the constrained entries are set, to the boundary value 0.
-                self.bc.set(vector)
-                b[task] = torch.from_numpy(vector)
-        finally:
-            self.mesh.geometry.x[:] = self.reference
-        return self.pattern.with_values(values), b
+def beam_source(cells: tuple[int, int, int]) -> Any:
+    """The family file :mod:`femeta.problems.beam_family` on a mesh of ``cells`` hexahedra
+    (a :class:`~femeta.problems.family.FamilySource`); needs DOLFINx."""
+    source = load_family("femeta.problems.beam_family:make")
+    return replace(source, make=partial(source.make, cells=tuple(cells)))
 
 
 def beam_system(
@@ -356,41 +283,16 @@ def beam_system(
 ) -> tuple[Any, Any, Any]:
     """One beam of the family as a FEniCS script assembles it, distributed over ``comm``.
 
-    The same forms, clamp and load as :class:`ElasticBeam`, on a mesh of ``cells``
-    hexahedra; the Dirichlet rows are identity rows with zeroed columns, and the
-    right-hand side is lifted. Unlike the datasets, ``A`` is not symmetrised.
+    The forms of :mod:`femeta.problems.beam_family` on a mesh of ``cells`` hexahedra,
+    assembled by :func:`~femeta.problems.family.family_system`: the Dirichlet rows are
+    identity rows with zeroed columns, and the right-hand side is lifted. Unlike the
+    datasets, ``A`` is not symmetrised.
 
     Returns:
         ``A`` (PETSc AIJ), ``b`` (PETSc vector) and the function space. Keep the
         space while using ``A`` and ``b``: they live on its mesh's communicator.
     """
-    import_dolfinx()
-    import ufl
-    from dolfinx import fem, mesh
-    from petsc4py import PETSc
-
     _check_params(torch.tensor([[width, lam, mu, rho]], dtype=torch.float64))
-    domain = mesh.create_box(
-        comm,
-        [np.zeros(3), np.array([ElasticBeam.length, width, width])],
-        list(cells),
-        cell_type=mesh.CellType.hexahedron,
-    )
-    space = fem.functionspace(domain, ("Lagrange", 1, (3,)))
-    u, v = ufl.TrialFunction(space), ufl.TestFunction(space)
-
-    def strain(w: Any) -> Any:
-        return ufl.sym(ufl.grad(w))
-
-    # Constants, not floats, so that the forms compile once for every beam.
-    lam_, mu_, load = (
-        fem.Constant(domain, PETSc.ScalarType(value))
-        for value in (lam, mu, rho * 0.4 * (width / ElasticBeam.length) ** 2)
-    )
-    stress = lam_ * ufl.tr(strain(u)) * ufl.Identity(3) + 2 * mu_ * strain(u)
-    bilinear = fem.form(ufl.inner(stress, strain(v)) * ufl.dx)
-    linear = fem.form(ufl.dot(ufl.as_vector((0, 0, -load)), v) * ufl.dx)
-    clamped = fem.locate_dofs_geometrical(space, lambda x: np.isclose(x[0], 0.0))
-    bc = fem.dirichletbc(np.zeros(3), clamped, space)
-    A, b = petsc_system(bilinear, linear, [bc])
-    return A, b, space
+    values = dict(zip(PARAM_NAMES, (width, lam, mu, rho), strict=True))
+    A, b, built = family_system(beam_source(cells), comm, values)
+    return A, b, built["a"].arguments()[0].ufl_function_space()

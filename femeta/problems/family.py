@@ -56,21 +56,23 @@ from femeta.parallel import collective, merged, on_root, world
 from femeta.problems.base import (
     TaskSet,
     assemble_shared,
+    default_cache_dir,
     petsc_system,
     split_size_and_seed,
     stored_pattern,
 )
-from femeta.problems.elasticity import default_cache_dir
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = [
     "DEFAULT_SPLITS",
     "MATRIX_FEATURES",
+    "Assembler",
     "Distribution",
     "Distributions",
     "FamilyError",
     "FamilySource",
     "UserFamily",
+    "family_system",
     "load_family",
     "read_distributions",
 ]
@@ -304,16 +306,16 @@ class UserFamily:
             self.cache_dir = None
         else:
             self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-        self._assembler: _Assembler | None = None
+        self._assembler: Assembler | None = None
 
     @property
     def n(self) -> int:
         """The unknowns of every task (compiles the forms on first use)."""
         return self._forms().n
 
-    def _forms(self) -> _Assembler:
+    def _forms(self) -> Assembler:
         if self._assembler is None:
-            self._assembler = _Assembler(self.source)
+            self._assembler = Assembler(self.source)
         return self._assembler
 
     def draw(self, count: int, seed: int) -> Tensor:
@@ -410,7 +412,7 @@ class UserFamily:
         return TaskSet({"A": A, **fields})
 
 
-class _Assembler:
+class Assembler:
     """The family's forms, compiled once on a serial mesh, and its stored pattern."""
 
     def __init__(self, source: FamilySource):
