@@ -13,8 +13,11 @@ with: the learned shift (guarded, as in a script), Psi_base's shift (guarded),
 PETSc's ICC with its default shift, and GAMG (for beams with the six rigid-body
 modes as near-nullspace). On the first ``--best`` tasks, Psi_best is the best of
 the 31 shifts 1e-5..10 (unguarded; each solve capped at the best count so far,
-which does not change the minimum). Unconverged solves count as the cap
-(``10 N``). Rank 0 prints one JSON line per task and a summary.
+which does not change the minimum); ``psi_best_near`` solves again at Psi_best's
+shift times 10^0.1 and 10^-0.1 (half a grid step; guarded) and gives the mean of
+the two counts: how much of Psi_best's minimum a shift that is off by 26%, e.g. a
+smooth function of the task's parameters, keeps. Unconverged solves count as the
+cap (``10 N``). Rank 0 prints one JSON line per task and a summary.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from femeta.problems.elasticity import SPLITS, ElasticBeam  # noqa: E402
 from femeta.workflow import base_alpha  # noqa: E402
 
 GRID = np.logspace(-5, 1, 31)
-SOLVERS = ("learned", "psi_base", "psi_best", "petsc_icc", "gamg")
+SOLVERS = ("learned", "psi_base", "psi_best", "psi_best_near", "petsc_icc", "gamg")
+BEST = ("psi_best", "psi_best_near")
 
 
 def main() -> None:
@@ -77,7 +81,7 @@ def main() -> None:
         outcomes = [
             _solve(name, A, b, system.near_nullspace, shifts.get(name), args.tol, cap)
             for name in args.solvers
-            if name != "psi_best"
+            if name not in BEST
         ]
         row = {
             "task": task, "unknowns": n, "ranks": comm.size, "cap": cap,
@@ -85,8 +89,12 @@ def main() -> None:
             "solvers": {o.name: [o.iterations if o.converged else cap, o.converged, o.seconds,
                                  o.alpha] for o in outcomes},
         }  # fmt: skip
-        if task < args.best and "psi_best" in args.solvers:
-            row["solvers"]["psi_best"] = _best(A, b, args.tol, cap)
+        if task < args.best and set(BEST) & set(args.solvers):
+            best = _best(A, b, args.tol, cap)
+            if "psi_best" in args.solvers:
+                row["solvers"]["psi_best"] = best
+            if "psi_best_near" in args.solvers:
+                row["solvers"]["psi_best_near"] = _near(A, b, best[3], args.tol, cap)
         rows.append(row)
         if comm.rank == 0:
             print(json.dumps(row), flush=True)
@@ -156,15 +164,29 @@ def _best(A: PETSc.Mat, b: PETSc.Vec, tol: float, cap: int) -> list:
     return best
 
 
+def _near(A: PETSc.Mat, b: PETSc.Vec, alpha: float | None, tol: float, cap: int) -> list:
+    """The mean count, whether both converged, mean seconds and ``alpha``, of the solves at
+    ``alpha`` times 10^0.1 and 10^-0.1 (the cap where Psi_best converged at no shift)."""
+    if alpha is None:
+        return [cap, False, 0.0, None]
+    outcomes = [
+        comparison.shifted_icc("psi_best_near", A, b, alpha * 10.0**step, tol, cap)
+        for step in (0.1, -0.1)
+    ]
+    counts = [o.iterations if o.converged else cap for o in outcomes]
+    return [statistics.mean(counts), all(o.converged for o in outcomes),
+            statistics.mean(o.seconds for o in outcomes), alpha]  # fmt: skip
+
+
 def _summary(rows: list[dict], label: str, args: argparse.Namespace, seconds: float) -> None:
     names = [name for name in SOLVERS if name in rows[0]["solvers"]]
     print(
         f"{label}, N = {rows[0]['unknowns']}, {rows[0]['ranks']} rank(s), {len(rows)} test "
         f"tasks, CG to {args.tol:g}, cap {args.cap:g} N; {seconds:.0f} s in all"
     )
-    sample = [row for row in rows if "psi_best" in row["solvers"]]
+    sample = [row for row in rows if set(BEST) & set(row["solvers"])]
     on_sample = f"on the {len(sample)} Psi_best tasks"
-    print(f"{'solver':<10}{'mean its':>10}{'converged':>11}{'median s':>10}{on_sample:>28}"
+    print(f"{'solver':<14}{'mean its':>10}{'converged':>11}{'median s':>10}{on_sample:>28}"
           f"{'median alpha':>14}")  # fmt: skip
     for name in names:
         own = [row["solvers"][name] for row in rows if name in row["solvers"]]
@@ -172,7 +194,7 @@ def _summary(rows: list[dict], label: str, args: argparse.Namespace, seconds: fl
         alphas = [o[3] for o in own if o[3] is not None]
         shift = f"{statistics.median(alphas):>14.4g}" if alphas else ""
         print(
-            f"{name:<10}{statistics.mean(o[0] for o in own):>10.1f}"
+            f"{name:<14}{statistics.mean(o[0] for o in own):>10.1f}"
             f"{sum(o[1] for o in own) / len(own):>11.3f}"
             f"{statistics.median(o[2] for o in own):>10.3f}{on_sample:>28.1f}{shift}"
         )
