@@ -38,7 +38,7 @@ from torch import Tensor
 from femeta._io import write_atomic
 from femeta.parallel import on_root, world
 from femeta.problems.base import TaskSet, assemble_shared, default_cache_dir, split_size_and_seed
-from femeta.problems.family import Assembler, family_system, load_family
+from femeta.problems.family import Assembler, FamilySource, family_system, load_family
 from femeta.solvers.sparse import SparseBatch
 
 __all__ = ["ElasticBeam", "beam_source", "beam_system"]
@@ -111,7 +111,7 @@ class ElasticBeam:
         else:
             self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
         self.n = 3 * math.prod(c + 1 for c in self.cells)
-        self._assembler: Any = None
+        self._assembler: Assembler | None = None
         self._vertices: np.ndarray | None = None
 
     def assemble(self, params: Tensor) -> tuple[SparseBatch, Tensor]:
@@ -161,7 +161,7 @@ class ElasticBeam:
             write_atomic(path, save({"pattern": pattern}))
         return pattern
 
-    def _forms(self) -> Any:
+    def _forms(self) -> Assembler:
         """The assembler of :mod:`femeta.problems.beam_family`'s forms, compiled on first use."""
         if self._assembler is None:
             self._assembler = Assembler(beam_source(self.cells))
@@ -271,9 +271,9 @@ def _features(params: Tensor, A: SparseBatch) -> Tensor:
     return torch.cat([params, A.norms()], dim=1)
 
 
-def beam_source(cells: tuple[int, int, int]) -> Any:
-    """The family file :mod:`femeta.problems.beam_family` on a mesh of ``cells`` hexahedra
-    (a :class:`~femeta.problems.family.FamilySource`); needs DOLFINx."""
+def beam_source(cells: tuple[int, int, int]) -> FamilySource:
+    """The family file :mod:`femeta.problems.beam_family` on a mesh of ``cells`` hexahedra;
+    needs DOLFINx."""
     source = load_family("femeta.problems.beam_family:make")
     return replace(source, make=partial(source.make, cells=tuple(cells)))
 
