@@ -166,7 +166,7 @@ def _best(A: PETSc.Mat, b: PETSc.Vec, tol: float, cap: int) -> list:
 
 def _near(A: PETSc.Mat, b: PETSc.Vec, alpha: float | None, tol: float, cap: int) -> list:
     """The mean count, whether both converged, mean seconds and ``alpha``, of the solves at
-    ``alpha`` times 10^0.1 and 10^-0.1 (the cap where Psi_best converged at no shift)."""
+    ``alpha`` times 10^0.1 and 10^-0.1 (the cap where no shift of the grid converged)."""
     if alpha is None:
         return [cap, False, 0.0, None]
     outcomes = [

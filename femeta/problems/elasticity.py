@@ -27,7 +27,7 @@ import json
 import math
 import os
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -274,8 +274,14 @@ def _features(params: Tensor, A: SparseBatch) -> Tensor:
 def beam_source(cells: tuple[int, int, int]) -> FamilySource:
     """The family file :mod:`femeta.problems.beam_family` on a mesh of ``cells`` hexahedra;
     needs DOLFINx."""
-    source = load_family("femeta.problems.beam_family:make")
+    source = _beam_file()
     return replace(source, make=partial(source.make, cells=tuple(cells)))
+
+
+@cache
+def _beam_file() -> FamilySource:
+    """The beam's family file, imported and hashed once per process."""
+    return load_family("femeta.problems.beam_family:make")
 
 
 def beam_system(
