@@ -17,7 +17,10 @@ which does not change the minimum); ``psi_best_near`` solves again at Psi_best's
 shift times 10^0.1 and 10^-0.1 (half a grid step; guarded) and gives the mean of
 the two counts: how much of Psi_best's minimum a shift that is off by 26%, e.g. a
 smooth function of the task's parameters, keeps. Unconverged solves count as the
-cap (``10 N``). Rank 0 prints one JSON line per task and a summary.
+cap (``10 N``). Rank 0 prints one JSON line per task (each solver's iterations,
+convergence, seconds, shift and PETSc's reason) and a summary; with ``--out
+FILE`` it also appends the line to FILE, and a rerun with the same FILE solves only the
+tasks not in it (long runs at 10^5 unknowns survive being stopped) and summarises all.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -61,14 +66,25 @@ def main() -> None:
     parser.add_argument(
         "--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS, help="what to run"
     )
+    parser.add_argument(
+        "--out", type=Path, help="JSON lines file: append each task's row; skip tasks in it"
+    )
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     model = femeta.load(args.model)
     given = _test_tasks(model, args)[: args.tasks]
     base = base_alpha(model)
-    rows = []
+    rows = comm.bcast(_done(args, comm.size) if comm.rank == 0 else None, root=0)
+    if isinstance(rows, str):
+        if comm.rank == 0:
+            print(f"model_solves.py: {rows}", file=sys.stderr)
+        raise SystemExit(2)
+    rows = [row for row in rows if row["task"] < len(given)]
+    done = {row["task"] for row in rows}
     start = time.perf_counter()
     for task, values in enumerate(given):
+        if task in done:
+            continue
         system = EXPERIMENTS[model.problem].script_system(comm, model, values)
         A, b = system.A, system.b
         n = A.getSize()[0]
@@ -84,10 +100,10 @@ def main() -> None:
             if name not in BEST
         ]
         row = {
-            "task": task, "unknowns": n, "ranks": comm.size, "cap": cap,
-            "params": system.params,
+            "task": task, "label": system.label, "unknowns": n, "ranks": comm.size, "cap": cap,
+            "tol": args.tol, "params": system.params,
             "solvers": {o.name: [o.iterations if o.converged else cap, o.converged, o.seconds,
-                                 o.alpha] for o in outcomes},
+                                 o.alpha, o.reason] for o in outcomes},
         }  # fmt: skip
         if task < args.best and set(BEST) & set(args.solvers):
             best = _best(A, b, args.tol, cap)
@@ -98,10 +114,34 @@ def main() -> None:
         rows.append(row)
         if comm.rank == 0:
             print(json.dumps(row), flush=True)
+            if args.out is not None:
+                with args.out.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
         A.destroy()
         b.destroy()
-    if comm.rank == 0:
-        _summary(rows, system.label, args, time.perf_counter() - start)
+    if comm.rank == 0 and rows:
+        rows.sort(key=lambda row: row["task"])
+        _summary(rows, args, time.perf_counter() - start)
+
+
+def _done(args: argparse.Namespace, ranks: int) -> list[dict] | str:
+    """The rows already in ``--out``, or why this run cannot add to them."""
+    if args.out is None or not args.out.is_file():
+        return []
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    wanted = set(args.solvers) - set(BEST)
+    for row in rows:
+        asked = (ranks, int(args.cap * row["unknowns"]), args.tol)
+        if (row["ranks"], row["cap"], row.get("tol")) != asked or not (
+            wanted <= set(row["solvers"])
+        ):
+            return (
+                f"{args.out} holds task {row['task']} solved on {row['ranks']} rank(s) to "
+                f"{row.get('tol')}, cap {row['cap']}, with {', '.join(sorted(row['solvers']))}: "
+                "not what this run asks. Give another --out, or this file's ranks, --tol, --cap "
+                "and --solvers."
+            )
+    return rows
 
 
 def _test_tasks(model: femeta.Model, args: argparse.Namespace) -> list[dict]:
@@ -151,7 +191,12 @@ def _best(A: PETSc.Mat, b: PETSc.Vec, tol: float, cap: int) -> list:
         ksp.setOperators(A, shifted.shifted_matrix(float(alpha)))
         set_icc(ksp, default_shift=False)
         # Only a count below the best so far can win (ties go to the smaller shift).
-        ksp.setTolerances(rtol=tol, atol=0.0, max_it=max(1, best[0] - 1 if best[1] else cap))
+        ksp.setTolerances(
+            rtol=tol,
+            atol=0.0,
+            divtol=PETSc.UNLIMITED,
+            max_it=max(1, best[0] - 1 if best[1] else cap),
+        )
         x.set(0.0)
         begin = time.perf_counter()
         ksp.solve(b, x)
@@ -178,11 +223,12 @@ def _near(A: PETSc.Mat, b: PETSc.Vec, alpha: float | None, tol: float, cap: int)
             statistics.mean(o.seconds for o in outcomes), alpha]  # fmt: skip
 
 
-def _summary(rows: list[dict], label: str, args: argparse.Namespace, seconds: float) -> None:
+def _summary(rows: list[dict], args: argparse.Namespace, seconds: float) -> None:
     names = [name for name in SOLVERS if name in rows[0]["solvers"]]
+    first = rows[0]
     print(
-        f"{label}, N = {rows[0]['unknowns']}, {rows[0]['ranks']} rank(s), {len(rows)} test "
-        f"tasks, CG to {args.tol:g}, cap {args.cap:g} N; {seconds:.0f} s in all"
+        f"{first['label']}, N = {first['unknowns']}, {first['ranks']} rank(s), {len(rows)} test "
+        f"tasks, CG to {args.tol:g}, cap {args.cap:g} N; {seconds:.0f} s in this run"
     )
     sample = [row for row in rows if set(BEST) & set(row["solvers"])]
     on_sample = f"on the {len(sample)} Psi_best tasks"
