@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from test_iccg import growing_residual
 
 from femeta._fenics import has_dolfinx
 
@@ -210,6 +211,34 @@ def test_running_out_of_iterations_falls_back_too(assemble_beam):
     report = configure(cg_ksp(A, max_it=50), 0.1).solve(b, b.duplicate())
     assert report.attempts[0].reason == "DIVERGED_MAX_IT"
     assert report.fell_back and not report.converged and len(report.attempts) == 2
+
+
+def growing_system():
+    """:func:`test_iccg.growing_residual` as PETSc objects."""
+    A, b = (tensor[0].numpy() for tensor in growing_residual())
+    matrix = aij(A, A != 0)
+    vector = matrix.createVecLeft()
+    vector.setArray(b)
+    return matrix, vector
+
+
+def test_a_residual_that_grows_before_it_falls_is_not_taken_for_divergence():
+    A, b = growing_system()
+    ksp = cg_ksp(A, rtol=1e-8, max_it=400)
+    norms = []
+    ksp.setMonitor(lambda _, __, norm: norms.append(norm))
+    report = configure(ksp, 1.0).solve(b, b.duplicate())
+    assert max(norms) > 1e4 * norms[0]  # beyond PETSc's default divtol
+    assert report.converged and len(report.attempts) == 1
+
+
+def test_a_divergence_tolerance_the_user_set_is_kept():
+    A, b = growing_system()
+    ksp = cg_ksp(A, rtol=1e-8, max_it=400)
+    ksp.setTolerances(divtol=1e3)
+    report = configure(ksp, 1.0).solve(b, b.duplicate())
+    assert ksp.getTolerances()[2] == 1e3
+    assert report.attempts[0].reason == "DIVERGED_DTOL" and report.fell_back
 
 
 def assert_solves(A, b, x, rtol=1e-6):

@@ -42,6 +42,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def growing_residual() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1D Laplacian scaled over 12 decades (a batch of one): at alpha = 1, CG's
+    unpreconditioned residual grows more than 10^4-fold before it falls."""
+    n = 40
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    scale = torch.logspace(0, 6, n, dtype=torch.float64)[order]
+    laplacian = 2 * torch.eye(n, dtype=torch.float64)
+    laplacian -= torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)
+    laplacian -= torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
+    A = scale[:, None] * laplacian * scale[None, :]
+    return A[None], torch.ones(1, n, dtype=torch.float64)
+
+
 def random_spd(batch: int, sides: tuple[int, int, int] = (4, 3, 3), seed: int = 0):
     """Weighted 3D grid Laplacians plus a small random diagonal, and right-hand sides."""
     generator = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
-from test_iccg import KERSHAW, random_spd
+from test_iccg import KERSHAW, growing_residual, random_spd
 
 from femeta._fenics import has_dolfinx
 from femeta.solvers.iccg import IccgResult
@@ -249,3 +249,18 @@ def test_default_icc_shifts_only_where_ic0_of_a_breaks_down():
     assert torch.equal(default.history[1:], unshifted.history[1:, :width])
     with pytest.raises(ValueError, match="pattern must hold every stored entry"):
         default_icc(A, b, tol=1e-10, max_iterations=40, pattern=torch.eye(A.shape[1]) > 0)
+
+
+def test_like_femeta_s_iccg_the_engine_has_no_divergence_test():
+    """A residual that grows 10^4-fold before it falls is not a divergence (PETSc's default
+    divtol would stop the solve there, and the loss would count fewer iterations)."""
+    from femeta.solvers.iccg import iccg
+    from femeta.solvers.petsc import PetscIccg
+
+    A, b = growing_residual()
+    reference = iccg(A, b, 1.0, tol=1e-8, max_iterations=400)
+    assert bool(reference.converged.all()) and float(reference.history.max()) > 1e4
+    with PetscIccg() as engine:
+        result = engine(A, b, 1.0, tol=1e-8, max_iterations=400)
+    assert bool(result.converged.all())
+    assert torch.equal(result.iterations, reference.iterations)
