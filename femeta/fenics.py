@@ -61,8 +61,6 @@ logger = logging.getLogger("femeta")
 _BREAKDOWNS = ("DIVERGED_PCSETUP_FAILED", "DIVERGED_INDEFINITE_PC")
 # The statistics of A computed here; others are a family file's own (its STATISTICS).
 _BUILT_IN = ("norm_1", "norm_inf", "norm_fro", "diag_min", "diag_max")
-# PETSc's divergence tolerance of a KSP nobody set one on.
-_DEFAULT_DIVTOL = 1e4
 _REASONS = {
     int(getattr(PETSc.KSP.ConvergedReason, name)): name
     for name in dir(PETSc.KSP.ConvergedReason)
@@ -169,7 +167,7 @@ class ShiftedICC:
         self._P: PETSc.Mat | None = None
         ksp.setType(PETSc.KSP.Type.CG)
         ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-        if ksp.getTolerances()[2] == _DEFAULT_DIVTOL:
+        if ksp.getTolerances()[2] == _default_divtol():
             ksp.setTolerances(divtol=PETSc.UNLIMITED)
 
     def __getattr__(self, name: str) -> Any:
@@ -249,6 +247,14 @@ class ShiftedICC:
         if self._P is not None:
             self._P.destroy()
             self._P = None
+
+
+def _default_divtol() -> float:
+    """PETSc's divergence tolerance of a KSP nobody set one on."""
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    divtol = ksp.getTolerances()[2]
+    ksp.destroy()
+    return divtol
 
 
 def set_icc(ksp: PETSc.KSP, *, default_shift: bool) -> None:
