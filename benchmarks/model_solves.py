@@ -126,21 +126,28 @@ def main() -> None:
 
 def _done(args: argparse.Namespace, ranks: int) -> list[dict] | str:
     """The rows already in ``--out``, or why this run cannot add to them."""
-    if args.out is None or not args.out.is_file():
+    if args.out is None:
         return []
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    if not args.out.parent.is_dir():
+        return f"--out {args.out}: there is no folder {args.out.parent}; make it first"
+    if not args.out.is_file():
+        return []
     wanted = set(args.solvers) - set(BEST)
-    for row in rows:
-        asked = (ranks, int(args.cap * row["unknowns"]), args.tol)
-        if (row["ranks"], row["cap"], row.get("tol")) != asked or not (
-            wanted <= set(row["solvers"])
-        ):
-            return (
-                f"{args.out} holds task {row['task']} solved on {row['ranks']} rank(s) to "
-                f"{row.get('tol')}, cap {row['cap']}, with {', '.join(sorted(row['solvers']))}: "
-                "not what this run asks. Give another --out, or this file's ranks, --tol, --cap "
-                "and --solvers."
-            )
+    try:
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        for row in rows:
+            asked = (ranks, int(args.cap * row["unknowns"]), args.tol)
+            if (row["ranks"], row["cap"], row["tol"]) != asked or not (
+                wanted <= set(row["solvers"])
+            ):
+                return (
+                    f"{args.out} holds task {row['task']} solved on {row['ranks']} rank(s) to "
+                    f"{row['tol']}, cap {row['cap']}, with "
+                    f"{', '.join(sorted(row['solvers']))}: not what this run asks. Give another "
+                    "--out, or this file's ranks, --tol, --cap and --solvers."
+                )
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{args.out} is not a file of this script's rows ({error!r}); give another --out"
     return rows
 
 
